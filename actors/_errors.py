@@ -1,0 +1,112 @@
+"""cascada's error vocabulary, in one place.
+
+::
+
+    CascadaError                      base of everything cascada raises on purpose
+    ├── ConfigurationError (ValueError)   bad argument or setting; nothing was started
+    ├── SerializationError (TypeError)    a value cannot travel; nothing was sent
+    ├── ProtocolError                     a frame broke the wire format or a limit
+    ├── DeadlineExceeded (TimeoutError)   the deadline passed; the work may have run
+    ├── TransportClosed                   a socket or node was used after close
+    ├── SystemClosed                      the ActorSystem is closed or was never entered
+    ├── ActorNotFound (LookupError)       no such actor, or no such public method on it
+    ├── ActorInitFailed                   the constructor or on_start raised; nothing is left running
+    ├── ActorDied                         the callee died or stopped while the call was pending;
+    │                                     the work may have run (indeterminate)
+    └── RemoteError                       the handler raised; carries the remote type, message
+                                          and traceback text
+
+Errors from libraries underneath (zmq, msgpack) are translated where they cross into
+cascada, most specific first, with the original kept as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from ..transport._errors import (
+    CascadaError,
+    ConfigurationError,
+    DeadlineExceeded,
+    ProtocolError,
+    SerializationError,
+    TransportClosed,
+)
+
+__all__ = [
+    "ActorDied",
+    "ActorInitFailed",
+    "ActorNotFound",
+    "CascadaError",
+    "ConfigurationError",
+    "DeadlineExceeded",
+    "ProtocolError",
+    "RemoteError",
+    "SerializationError",
+    "SystemClosed",
+    "TransportClosed",
+]
+
+
+class SystemClosed(CascadaError):
+    """Raised when an ActorSystem is used before ``async with`` entered it or after it closed,
+    or when a ref is used in a process that runs no system."""
+
+
+class ActorNotFound(CascadaError, LookupError):
+    """Raised when a message names an actor that is not there, or a method that is not a
+    public handler of the actor's class (names starting with ``_`` are never handlers)."""
+
+
+class ActorDied(CascadaError):
+    """Raised for every call pending on an actor whose process died (or that was stopped)
+    before it replied. Delivery is at-most-once: the call may or may not have run, so the
+    outcome is indeterminate; retry only what is safe to repeat."""
+
+    def __init__(self, message: str, *, actor: str | None = None, exitcode: int | None = None):
+        super().__init__(message)
+        self.actor = actor
+        self.exitcode = exitcode
+
+
+class RemoteError(CascadaError):
+    """Raised when the callee's handler raised. ``remote_type`` is the qualified name of the
+    exception it raised, ``remote_traceback`` the formatted traceback from the callee's
+    process. For local actors the original exception is also the ``__cause__``."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        remote_type: str,
+        remote_traceback: str | None,
+        actor: str | None = None,
+        method: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_message = message
+        self.remote_traceback = remote_traceback
+        self.actor = actor
+        self.method = method
+
+    def __str__(self) -> str:
+        where = f" in {self.actor}.{self.method}" if self.actor else ""
+        text = f"{self.remote_type}{where}: {self.remote_message}"
+        if self.remote_traceback:
+            text += "\n\nRemote traceback:\n" + self.remote_traceback.rstrip()
+        return text
+
+
+class ActorInitFailed(CascadaError):
+    """Raised by ``spawn`` when the actor's constructor or ``on_start`` raised, or its process
+    exited before it was ready. The process and its socket file are gone when it is raised."""
+
+    def __init__(self, message: str, *, actor: str, remote_traceback: str | None = None):
+        super().__init__(message)
+        self.actor = actor
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.remote_traceback:
+            text += "\n\nRemote traceback:\n" + self.remote_traceback.rstrip()
+        return text

@@ -1,0 +1,368 @@
+"""ActorSystem: spawns actors, owns their processes, and stops them all on exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+import re
+import secrets
+import signal
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from ..transport._endpoints import IpcDirectory, ipc_path
+from ..transport._errors import ConfigurationError, DeadlineExceeded
+from ._actor import Actor
+from ._cell import ActorCell
+from ._errors import ActorDied, ActorInitFailed, ActorNotFound, CascadaError, SystemClosed
+from ._node import Node, NodeConfig
+from ._ref import ActorRef, current_node
+from ._spawner import Spawner, pickle_spec
+
+Placement = Literal["process", "local"]
+_PLACEMENTS = ("process", "local")
+_NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+
+
+class _Child:
+    __slots__ = ("ref", "pid", "exited")
+
+    def __init__(self, ref: ActorRef, pid: int, exited: asyncio.Future[int]) -> None:
+        self.ref = ref
+        self.pid = pid
+        self.exited = exited
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class ActorSystem:
+    """The root of a cascade: ``async with ActorSystem() as system: ...``.
+
+    Parameters (all keyword-only):
+
+    - ``preload``: modules the forkserver imports once, so that spawning actors that need
+      them (``"torch"``) costs a fork, not an interpreter start.
+    - ``default_timeout``: seconds an ask, tell or stream waits when no ``timeout`` is given
+      (``math.inf`` for none).
+    - ``mailbox_size``: messages an actor's mailbox holds before senders are pushed back.
+    - ``spawn_timeout``: seconds a process actor has to become ready.
+    - ``stop_timeout``: seconds an actor has to drain and stop before it is sent SIGTERM,
+      and again before SIGKILL.
+    - ``ipc_dir``: where the private 0700 directory of ipc sockets is made (default: the
+      system temp dir).
+    - ``stream_window``, ``hwm``, ``max_header_bytes``, ``max_frames``, ``max_frame_bytes``:
+      flow-control and wire limits (see README).
+    """
+
+    def __init__(
+        self,
+        *,
+        preload: Sequence[str] = (),
+        default_timeout: float = 300.0,
+        mailbox_size: int = 1024,
+        spawn_timeout: float = 60.0,
+        stop_timeout: float = 5.0,
+        ipc_dir: str | None = None,
+        stream_window: int = 64,
+        hwm: int = 10_000,
+        max_header_bytes: int = 64 << 20,
+        max_frames: int = 1024,
+        max_frame_bytes: int = 1 << 30,
+    ) -> None:
+        if isinstance(preload, str) or not all(isinstance(m, str) and m for m in preload):
+            raise ConfigurationError(f"preload must be a sequence of module names, got {preload!r}")
+        for key, value in (("spawn_timeout", spawn_timeout), ("stop_timeout", stop_timeout)):
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise ConfigurationError(f"{key} must be a positive number of seconds, got {value!r}")
+        self.config = NodeConfig(hwm=hwm, max_header_bytes=max_header_bytes, max_frames=max_frames,
+                                 max_frame_bytes=max_frame_bytes, mailbox_size=mailbox_size,
+                                 stream_window=stream_window, default_timeout=default_timeout)
+        self._preload = tuple(preload)
+        self._spawn_timeout = float(spawn_timeout)
+        self._stop_timeout = float(stop_timeout)
+        self._ipc_base = ipc_dir
+        self._dir: IpcDirectory | None = None
+        self._node: Node | None = None
+        self._spawner: Spawner | None = None
+        self._order: list[str] = []
+        self._refs: dict[str, ActorRef] = {}
+        self._children: dict[str, _Child] = {}
+        self._by_pid: dict[int, str] = {}
+        self._pending_spawns: dict[str, tuple[asyncio.Future[Any], str]] = {}
+        self._ctx_token: contextvars.Token[Node] | None = None
+        self._count = 0
+        self._closing = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def __aenter__(self) -> ActorSystem:
+        if self._node is not None:
+            raise ConfigurationError("an ActorSystem can be entered only once")
+        self._dir = IpcDirectory(self._ipc_base)
+        try:
+            node = Node(f"system-{secrets.token_hex(3)}", self._dir.endpoint("system"), self.config)
+            await node.start()
+        except BaseException:
+            self._dir.remove()
+            raise
+        node.control["spawn_ready"] = self._on_spawn_ready
+        node.control["spawn_failed"] = self._on_spawn_failed
+        self._node = node
+        self._spawner = Spawner(self._preload, self._on_child_exit)
+        self._ctx_token = current_node.set(node)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    @property
+    def node(self) -> Node:
+        node = self._node
+        if node is None or node.closed:
+            raise SystemClosed("the ActorSystem is not running: use it inside `async with ActorSystem() as system`")
+        return node
+
+    async def shutdown(self) -> None:
+        """Stop every actor (newest first), then the forkserver, then the node; remove the
+        ipc directory. Safe to call twice."""
+        if self._closing or self._node is None:
+            return
+        self._closing = True
+        try:
+            for name in reversed(list(self._order)):
+                ref = self._refs.get(name)
+                if ref is not None:
+                    try:
+                        await self.stop(ref)
+                    except CascadaError:
+                        pass  # stop() already escalated to SIGKILL; nothing more to do here
+        finally:
+            if self._spawner is not None:
+                await self._spawner.close()
+            await self._node.close()
+            if self._dir is not None:
+                self._dir.remove()
+            if self._ctx_token is not None:
+                try:
+                    current_node.reset(self._ctx_token)
+                except ValueError:
+                    pass  # exited from another context than the one that entered
+                self._ctx_token = None
+
+    # -- spawning --------------------------------------------------------------------------
+
+    async def spawn(self, cls: type[Actor], /, *args: Any, name: str | None = None,
+                    placement: Placement = "process", **kwargs: Any) -> ActorRef:
+        """Start an actor and return its ref once it is ready (``on_start`` has run).
+
+        ``placement="process"`` runs it in its own OS process; ``"local"`` in this process
+        and event loop. Raises ActorInitFailed if the constructor or ``on_start`` raised, with
+        the remote traceback; nothing of the actor is left running then."""
+        node = self.node
+        if self._closing:
+            raise SystemClosed("the ActorSystem is shutting down; no more actors can be spawned")
+        if not (isinstance(cls, type) and issubclass(cls, Actor)):
+            raise ConfigurationError(f"spawn needs a subclass of cascada.Actor, got {cls!r}")
+        if placement not in _PLACEMENTS:
+            raise ConfigurationError(f"placement must be one of {_PLACEMENTS}, got {placement!r}")
+        if name is None:
+            self._count += 1
+            name = f"{cls.__name__.lower()}-{self._count}"
+            while name in self._refs:
+                self._count += 1
+                name = f"{cls.__name__.lower()}-{self._count}"
+        elif not (isinstance(name, str) and _NAME.match(name)):
+            raise ConfigurationError(f"actor name {name!r} must be 1-128 characters of letters, digits, _ . : -")
+        if name in self._refs:
+            raise ConfigurationError(f"an actor named {name!r} already exists in this system")
+        incarnation = secrets.token_hex(4)
+        self._refs[name] = None  # type: ignore[assignment]  # reserve the name while starting
+        try:
+            if placement == "local":
+                ref = await self._spawn_local(node, cls, args, kwargs, name, incarnation)
+            else:
+                ref = await self._spawn_process(node, cls, args, kwargs, name, incarnation)
+        except BaseException:
+            self._refs.pop(name, None)
+            raise
+        self._refs[name] = ref
+        self._order.append(name)
+        return ref
+
+    async def _spawn_local(self, node: Node, cls: type[Actor], args: tuple[Any, ...], kwargs: dict[str, Any],
+                           name: str, incarnation: str) -> ActorRef:
+        ref = ActorRef(name, node.endpoint, node.pid, node.host, incarnation, node=node)
+        try:
+            instance = cls(*args, **kwargs)
+            instance.name = name
+            instance.ref = ref
+            cell = ActorCell(node, name, instance, incarnation)
+            await cell.start()
+        except Exception as exc:
+            import traceback
+
+            raise ActorInitFailed(f"actor {name!r} ({cls.__qualname__}) failed to start: {type(exc).__qualname__}: {exc}",
+                                  actor=name, remote_traceback="".join(traceback.format_exception(exc))) from exc
+        return ref
+
+    async def _spawn_process(self, node: Node, cls: type[Actor], args: tuple[Any, ...], kwargs: dict[str, Any],
+                             name: str, incarnation: str) -> ActorRef:
+        assert self._spawner is not None and self._dir is not None
+        blob = pickle_spec(cls, args, kwargs)
+        endpoint = self._dir.endpoint()
+        token = secrets.token_hex(8)
+        header = {
+            "name": name, "incarnation": incarnation, "node_id": f"{name}-{incarnation}",
+            "endpoint": endpoint, "parent": node.endpoint, "parent_pid": node.pid,
+            "token": token, "config": self.config.to_dict(),
+        }
+        ready: asyncio.Future[Any] = node.loop.create_future()
+        self._pending_spawns[token] = (ready, name)
+        pid: int | None = None
+        try:
+            pid = await asyncio.wait_for(self._spawner.spawn(token, header, blob), self._spawn_timeout)
+            self._by_pid[pid] = name
+            exited = self._spawner.exit_future(pid)
+            done, _ = await asyncio.wait({ready, exited}, timeout=self._spawn_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if ready in done:
+                ready.result()  # raises ActorInitFailed when on_start or the constructor raised
+                ref = ActorRef(name, endpoint, pid, node.host, incarnation, node=node)
+                self._children[name] = _Child(ref, pid, exited)
+                return ref
+            if exited in done:
+                raise ActorInitFailed(f"actor {name!r} ({cls.__qualname__}): its process "
+                                      f"{describe_exit(exited.result())} before it was ready", actor=name)
+            raise ActorInitFailed(f"actor {name!r} ({cls.__qualname__}) was not ready within "
+                                  f"spawn_timeout={self._spawn_timeout}s", actor=name)
+        except BaseException:
+            if pid is not None:
+                await self._reap(pid)
+            path = ipc_path(endpoint)
+            if path is not None and os.path.exists(path):
+                os.unlink(path)
+            raise
+        finally:
+            self._pending_spawns.pop(token, None)
+
+    async def _reap(self, pid: int) -> None:
+        """Make sure pid is gone: wait, then SIGTERM, then SIGKILL."""
+        assert self._spawner is not None
+        exited = self._spawner.exit_future(pid)
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None and not exited.done():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            try:
+                await asyncio.wait_for(asyncio.shield(exited), self._stop_timeout)
+                break
+            except asyncio.TimeoutError:
+                continue
+        self._by_pid.pop(pid, None)
+        self._spawner.forget(pid)
+
+    async def _on_spawn_ready(self, env: Any) -> None:
+        token, _pid = env.body[0]
+        entry = self._pending_spawns.get(token)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(None)
+
+    async def _on_spawn_failed(self, env: Any) -> None:
+        token, message, tb = env.body[0]
+        entry = self._pending_spawns.get(token)
+        if entry is not None and not entry[0].done():
+            fut, name = entry
+            fut.set_exception(ActorInitFailed(f"actor {name!r} failed to start: {message}", actor=name,
+                                              remote_traceback=tb))
+
+    def _on_child_exit(self, pid: int, code: int) -> None:
+        name = self._by_pid.get(pid)
+        if name is None or self._node is None:
+            return
+        child = self._children.get(name)
+        if child is None:
+            return
+        self._node.peer_died(child.ref.endpoint, f"actor {name!r} (pid {pid}) {describe_exit(code)}", code)
+        path = ipc_path(child.ref.endpoint)
+        if path is not None and os.path.exists(path):
+            try:
+                os.unlink(path)  # a SIGKILLed process cannot remove its own socket file
+            except OSError:
+                pass
+
+    # -- stopping and looking up -----------------------------------------------------------
+
+    async def stop(self, ref: ActorRef) -> None:
+        """Stop an actor gracefully: it finishes every message it accepted, runs on_stop and
+        exits. One that does not within stop_timeout gets SIGTERM, then SIGKILL."""
+        node = self.node
+        name = ref.name
+        if self._refs.get(name) is None:
+            raise ActorNotFound(f"no actor named {name!r} in this system")
+        try:
+            child = self._children.get(name)
+            if child is None:
+                cell = node.cells.get(name)
+                if cell is not None:
+                    await cell.stop()
+                return
+            if not child.exited.done():
+                peer = node.peer(ref.endpoint, ref.pid, ref.host)
+                try:
+                    await node.call(peer, None, "stop", [], timeout=self._stop_timeout)
+                    await node.call(peer, None, "exit", [], timeout=self._stop_timeout)
+                except (ActorDied, DeadlineExceeded):
+                    pass  # it died, or hangs: _reap escalates
+                except CascadaError:
+                    pass
+            await self._reap(child.pid)
+            peer_ = node.peers.pop(ref.endpoint, None)
+            if peer_ is not None:
+                peer_.close(ActorDied(f"actor {name!r} was stopped", actor=name))
+            path = ipc_path(ref.endpoint)
+            if path is not None and os.path.exists(path):
+                os.unlink(path)
+        finally:
+            self._refs.pop(name, None)
+            self._children.pop(name, None)
+            if name in self._order:
+                self._order.remove(name)
+
+    def lookup(self, name: str) -> ActorRef:
+        """The ref of a running actor of this system, by name."""
+        ref = self._refs.get(name)
+        if ref is None:
+            raise ActorNotFound(f"no actor named {name!r} in this system")
+        return ref
+
+    @property
+    def actors(self) -> list[ActorRef]:
+        """Refs of every running actor, oldest first."""
+        return [self._refs[n] for n in self._order if self._refs.get(n) is not None]
+
+    def pid_of(self, ref: ActorRef) -> int:
+        """The OS pid of an actor's process (the caller's own pid for local actors)."""
+        return ref.pid
+
+    async def stats(self, ref: ActorRef, *, timeout: float | None = None) -> dict[str, Any]:
+        """Counters of an actor and its node: mailbox depth and capacity, handled, failed,
+        expired; rejected frames, late replies, unroutable replies."""
+        node = self.node
+        if ref.endpoint == node.endpoint:
+            cell = node.cells.get(ref.name)
+            if cell is None:
+                raise ActorNotFound(f"no actor named {ref.name!r} on this node")
+            return {"node": node.stats.to_dict(), "pid": node.pid, "actors": [cell.snapshot()]}
+        result: dict[str, Any] = await node.call(node.peer(ref.endpoint, ref.pid, ref.host), None, "stats", [],
+                                                 timeout=timeout)
+        return result

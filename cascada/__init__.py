@@ -1,0 +1,60 @@
+"""cascada: an asyncio actor runtime for machine-learning cascades.
+
+Every stage of a cascade (router, expert, decoder, verifier, or any user actor) is an actor
+with isolated state, in its own process or beside others, talking msgpack over ZeroMQ.
+
+    import cascada
+
+    class Counter(cascada.Actor):
+        async def on_start(self) -> None:
+            self.n = 0
+        async def add(self, k: int) -> int:
+            self.n += k
+            return self.n
+
+    async with cascada.ActorSystem() as system:
+        ref = await system.spawn(Counter, placement="process")
+        assert await ref.ask("add", 2) == 2
+"""
+
+from __future__ import annotations
+
+from .actors import Actor as Actor
+from .actors import ActorDied as ActorDied
+from .actors import ActorInitFailed as ActorInitFailed
+from .actors import ActorNotFound as ActorNotFound
+from .actors import ActorRef as ActorRef
+from .actors import ActorSystem as ActorSystem
+from .actors import CascadaError as CascadaError
+from .actors import ConfigurationError as ConfigurationError
+from .actors import DeadlineExceeded as DeadlineExceeded
+from .actors import Placement as Placement
+from .actors import ProtocolError as ProtocolError
+from .actors import RemoteError as RemoteError
+from .actors import SerializationError as SerializationError
+from .actors import SystemClosed as SystemClosed
+from .actors import TransportClosed as TransportClosed
+from .actors import concurrent as concurrent
+from .actors import run as run
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Actor",
+    "ActorDied",
+    "ActorInitFailed",
+    "ActorNotFound",
+    "ActorRef",
+    "ActorSystem",
+    "CascadaError",
+    "ConfigurationError",
+    "DeadlineExceeded",
+    "Placement",
+    "ProtocolError",
+    "RemoteError",
+    "SerializationError",
+    "SystemClosed",
+    "TransportClosed",
+    "concurrent",
+    "run",
+]

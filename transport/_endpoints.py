@@ -1,0 +1,83 @@
+"""Where processes listen: private ipc directories and endpoint strings."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+
+from ._errors import ConfigurationError
+
+# sockaddr_un.sun_path is 108 bytes including the terminating NUL.
+IPC_PATH_MAX = 107
+
+
+class IpcDirectory:
+    """A per-system directory, mode 0700, that holds every ipc socket file of one run.
+
+    Owner-only permissions keep other users from connecting; the directory is removed with
+    everything in it when the system closes, which also cleans files left by a SIGKILLed
+    process (libzmq cannot unlink those)."""
+
+    def __init__(self, base: str | None = None) -> None:
+        self.path = tempfile.mkdtemp(prefix="cascada-", dir=base)
+        os.chmod(self.path, 0o700)
+
+    def endpoint(self, stem: str | None = None) -> str:
+        name = stem or secrets.token_hex(4)
+        path = os.path.join(self.path, f"{name}.ipc")
+        if len(path) > IPC_PATH_MAX:
+            raise ConfigurationError(
+                f"ipc path {path!r} is {len(path)} characters, over the {IPC_PATH_MAX} that "
+                "unix sockets allow: pass a shorter ipc_dir (for example /tmp) to ActorSystem"
+            )
+        return f"ipc://{path}"
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def ipc_path(endpoint: str) -> str | None:
+    """The socket file of an ``ipc://`` endpoint, or None for other transports."""
+    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+        return endpoint[len("ipc://") :]
+    return None
+
+
+def check_endpoint(endpoint: str) -> str:
+    """Validate a user-given endpoint before any socket sees it."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep or scheme not in ("ipc", "tcp", "inproc"):
+        raise ConfigurationError(
+            f"endpoint {endpoint!r} is not ipc://PATH, tcp://HOST:PORT or inproc://NAME"
+        )
+    if scheme == "tcp" and rest.startswith("*"):
+        raise ConfigurationError(
+            f"endpoint {endpoint!r} listens on every interface; bind an explicit address such "
+            "as tcp://127.0.0.1:PORT"
+        )
+    path = ipc_path(endpoint)
+    if path is not None and len(path) > IPC_PATH_MAX:
+        raise ConfigurationError(
+            f"ipc path {path!r} is {len(path)} characters, over the {IPC_PATH_MAX} that unix "
+            "sockets allow: choose a shorter path"
+        )
+    return endpoint
+
+
+_BOOT_ID: str | None = None
+
+
+def host_id() -> str:
+    """Identifies this machine (boot), so a ref can tell whether a pid is checkable here."""
+    global _BOOT_ID
+    if _BOOT_ID is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _BOOT_ID = f.read().strip()
+        except OSError:
+            import socket
+
+            _BOOT_ID = socket.gethostname()
+    return _BOOT_ID

@@ -1,0 +1,38 @@
+"""Errors raised below the actor layer.
+
+The whole vocabulary, drawn as a tree, lives in ``cascada.actors._errors``; this module holds
+the part the transport itself can raise, so that ``transport`` never imports ``actors``.
+"""
+
+from __future__ import annotations
+
+
+class CascadaError(Exception):
+    """Base of every error cascada raises on purpose. Catch this to catch them all."""
+
+
+class ConfigurationError(CascadaError, ValueError):
+    """Raised at once when an argument or setting is invalid (a bad placement, an ipc path that
+    is too long, a negative limit). Nothing has been started when it is raised."""
+
+
+class ProtocolError(CascadaError):
+    """Raised when a frame cannot be decoded or breaks a declared limit (bad msgpack, wrong
+    field types, an oversize frame, an unknown ext code). The receiving process counts the
+    frame, drops it and keeps serving."""
+
+
+class SerializationError(CascadaError, TypeError):
+    """Raised on the sending side when a value cannot travel: only msgpack-native data
+    (None, bool, int, float, str, bytes, list, tuple, dict), actor refs and the tensor types
+    may be sent. Nothing was sent when it is raised."""
+
+
+class DeadlineExceeded(CascadaError, TimeoutError):
+    """Raised when a call's deadline passes before its result arrives, or when a message is
+    dequeued after its deadline (expired work is dropped, not computed). The work may or may
+    not have run: the outcome is indeterminate."""
+
+
+class TransportClosed(CascadaError):
+    """Raised when a socket or node is used after it was closed."""

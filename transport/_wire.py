@@ -1,0 +1,326 @@
+"""The wire format: one msgpack header frame, then out-of-band payload frames.
+
+Frame 0 is a msgpack array, positional for speed::
+
+    [version, kind, corr, sender, target, method, deadline, body, opts, incarnation]
+
+- ``version`` is the format version (1). A receiver rejects versions it does not know.
+- ``kind`` is a :class:`Kind`. ``corr`` is the correlation id, unique per sending connection.
+- ``sender`` names the sending node, ``target`` the actor (None addresses the node itself,
+  for control operations), ``method`` the handler or control operation.
+- ``deadline`` is an absolute ``time.time()`` value or None. Expired work is not computed.
+- ``body`` depends on the kind: ``[args, kwargs]`` for requests, the value for replies and
+  stream items, ``[code, type, message, traceback, details]`` for errors.
+- ``opts`` is a small int (the credit window of a stream, the credit granted).
+- ``incarnation`` names the incarnation of the actor a reply comes from.
+
+Schema evolution follows msgspec's rule: new fields are appended with defaults, and a
+receiver ignores fields past the ones it knows, so mixed versions talk.
+
+Nothing is ever unpickled. Values other than msgpack's own travel as ext types whose codes
+are allowlisted: a receiver rejects any other code. Every length limit given to the
+unpacker is derived from the frame's own size (an array cannot have more elements than its
+frame has bytes), so a 5-byte header cannot make the decoder allocate 10**8 slots.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+
+from ._errors import ProtocolError, SerializationError
+
+VERSION = 1
+
+
+class Kind(enum.IntEnum):
+    ASK = 1
+    TELL = 2
+    STREAM = 3
+    REPLY = 4
+    ERROR = 5
+    ITEM = 6
+    END = 7
+    CREDIT = 8
+    CANCEL = 9
+
+
+REQUEST_KINDS = frozenset((Kind.ASK, Kind.TELL, Kind.STREAM))
+_KIND_BY_VALUE = {int(k): k for k in Kind}
+
+# Ext codes. 1-15 belong to cascada; nothing else is accepted.
+EXT_TUPLE = 1
+EXT_REF = 2
+
+# Error codes carried in ERROR bodies, mapped to exception types by the actor layer.
+ERROR_CODES = frozenset(
+    ("remote", "not_found", "deadline", "protocol", "serialization", "died", "init_failed", "closed")
+)
+
+ExtEncoder = Callable[[Any, list[Any]], tuple[int, bytes]]
+"""Turns a value into (ext code, payload); may append out-of-band frames to the list."""
+ExtDecoder = Callable[[bytes, Sequence[Any]], Any]
+"""Rebuilds a value from an ext payload and the message's out-of-band frames."""
+
+
+class Envelope:
+    """One decoded message. Plain attributes, no behaviour."""
+
+    __slots__ = (
+        "kind",
+        "corr",
+        "sender",
+        "target",
+        "method",
+        "deadline",
+        "body",
+        "opts",
+        "incarnation",
+    )
+
+    def __init__(
+        self,
+        kind: Kind,
+        corr: int,
+        sender: str | None,
+        target: str | None,
+        method: str | None,
+        deadline: float | None,
+        body: Any,
+        opts: int | None = None,
+        incarnation: str | None = None,
+    ) -> None:
+        self.kind = kind
+        self.corr = corr
+        self.sender = sender
+        self.target = target
+        self.method = method
+        self.deadline = deadline
+        self.body = body
+        self.opts = opts
+        self.incarnation = incarnation
+
+    def __repr__(self) -> str:
+        return (
+            f"Envelope({self.kind.name}, corr={self.corr}, sender={self.sender!r}, "
+            f"target={self.target!r}, method={self.method!r})"
+        )
+
+
+class Limits:
+    """Declared limits on what a receiver accepts."""
+
+    __slots__ = ("max_header_bytes", "max_frames", "max_frame_bytes")
+
+    def __init__(
+        self,
+        *,
+        max_header_bytes: int = 64 << 20,
+        max_frames: int = 1024,
+        max_frame_bytes: int = 1 << 30,
+    ) -> None:
+        if min(max_header_bytes, max_frames, max_frame_bytes) <= 0:
+            raise SerializationError("wire limits must be positive")
+        self.max_header_bytes = max_header_bytes
+        self.max_frames = max_frames
+        self.max_frame_bytes = max_frame_bytes
+
+
+def _is_str_or_none(v: object) -> bool:
+    return v is None or type(v) is str
+
+
+class Codec:
+    """Encodes and decodes envelopes. One per node; not re-entrant across threads."""
+
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        *,
+        encoders: dict[type, ExtEncoder] | None = None,
+        decoders: dict[int, ExtDecoder] | None = None,
+    ) -> None:
+        self.limits = limits or Limits()
+        self._encoders: dict[type, ExtEncoder] = dict(encoders or {})
+        self._decoders: dict[int, ExtDecoder] = dict(decoders or {})
+        self._decoders.setdefault(EXT_TUPLE, self._decode_tuple)
+        # strict_types sends tuples and subclasses through _default, so tuples survive the
+        # trip and an IntEnum or a str subclass is narrowed on purpose, not by accident.
+        self._packer = msgpack.Packer(default=self._default, strict_types=True, autoreset=True)
+        self._oob: list[Any] = []
+        self._frames: Sequence[Any] = ()
+
+    def register(self, type_: type, encoder: ExtEncoder, code: int, decoder: ExtDecoder) -> None:
+        """Teach the codec a new ext type (used by the actor and tensor layers)."""
+        if not 1 <= code <= 127 or code == EXT_TUPLE:
+            raise SerializationError(f"ext code {code} is reserved or out of range")
+        self._encoders[type_] = encoder
+        self._decoders[code] = decoder
+
+    # -- encoding ------------------------------------------------------------------------
+
+    def _default(self, obj: Any) -> Any:
+        enc = self._encoders.get(type(obj))
+        if enc is not None:
+            code, data = enc(obj, self._oob)
+            return msgpack.ExtType(code, data)
+        if isinstance(obj, tuple):
+            return msgpack.ExtType(EXT_TUPLE, self._pack_nested(list(obj)))
+        for base in (int, float, str, bytes, dict, list):
+            if isinstance(obj, base):
+                return base(obj)
+        for type_, enc in self._encoders.items():
+            if isinstance(obj, type_):
+                code, data = enc(obj, self._oob)
+                return msgpack.ExtType(code, data)
+        raise TypeError(
+            f"cannot send a value of type {type(obj).__module__}.{type(obj).__qualname__}: "
+            "send msgpack-native data (None, bool, int, float, str, bytes, list, tuple, dict), "
+            "actor refs or tensors, or convert it first"
+        )
+
+    def _pack_nested(self, value: Any) -> bytes:
+        # The outer packer is mid-pack; a nested value needs a packer of its own.
+        return msgpack.packb(value, default=self._default, strict_types=True)
+
+    def encode(
+        self,
+        kind: Kind,
+        corr: int,
+        sender: str | None,
+        target: str | None,
+        method: str | None,
+        deadline: float | None,
+        body: Any,
+        opts: int | None = None,
+        incarnation: str | None = None,
+    ) -> list[Any]:
+        """The frames of one message: the header, then any out-of-band buffers."""
+        oob: list[Any] = []
+        self._oob = oob
+        try:
+            head = self._packer.pack(
+                [VERSION, int(kind), corr, sender, target, method, deadline, body, opts, incarnation]
+            )
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._packer.reset()
+            raise SerializationError(f"{kind.name.lower()} {method or ''}: {exc}") from exc
+        finally:
+            self._oob = []
+        if len(head) > self.limits.max_header_bytes:
+            raise SerializationError(
+                f"message header is {len(head)} bytes, over the {self.limits.max_header_bytes} "
+                "byte limit: send large data as tensors or arrays, which travel out of band"
+            )
+        if oob:
+            return [head, *oob]
+        return [head]
+
+    # -- decoding ------------------------------------------------------------------------
+
+    def _ext_hook(self, code: int, data: bytes) -> Any:
+        dec = self._decoders.get(code)
+        if dec is None:
+            raise ProtocolError(f"ext code {code} is not on the allowlist")
+        return dec(data, self._frames)
+
+    def _unpack(self, data: bytes) -> Any:
+        n = len(data)
+        return msgpack.unpackb(
+            data,
+            ext_hook=self._ext_hook,
+            strict_map_key=False,
+            use_list=True,
+            raw=False,
+            max_str_len=n,
+            max_bin_len=n,
+            max_array_len=n,
+            max_map_len=n // 2,
+            max_ext_len=n,
+        )
+
+    def _decode_tuple(self, data: bytes, frames: Sequence[Any]) -> tuple[Any, ...]:
+        value = self._unpack(data)
+        if type(value) is not list:
+            raise ProtocolError("tuple ext does not hold an array")
+        return tuple(value)
+
+    def decode(self, frames: Sequence[Any]) -> Envelope:
+        """Decode and validate one message; anything wrong raises ProtocolError."""
+        limits = self.limits
+        if not frames:
+            raise ProtocolError("empty message")
+        if len(frames) > limits.max_frames:
+            raise ProtocolError(f"{len(frames)} frames, over the limit of {limits.max_frames}")
+        head = frames[0]
+        if len(head) > limits.max_header_bytes:
+            raise ProtocolError(
+                f"header frame of {len(head)} bytes, over the limit of {limits.max_header_bytes}"
+            )
+        self._frames = frames
+        try:
+            h = self._unpack(head)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # msgpack raises a zoo: FormatError, StackError, ValueError...
+            raise ProtocolError(f"undecodable header: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._frames = ()
+        return _validate(h)
+
+
+def _validate(h: Any) -> Envelope:
+    if type(h) is not list or len(h) < 9:
+        raise ProtocolError("header is not an array of at least 9 fields")
+    version, kind, corr, sender, target, method, deadline, body, opts = h[:9]
+    incarnation = h[9] if len(h) > 9 else None
+    if version != VERSION or type(version) is not int:
+        raise ProtocolError(f"wire version {version!r} is not supported (this side speaks {VERSION})")
+    k = _KIND_BY_VALUE.get(kind) if type(kind) is int else None
+    if k is None:
+        raise ProtocolError(f"unknown message kind {kind!r}")
+    if type(corr) is not int or corr < 0:
+        raise ProtocolError("correlation id is not a non-negative int")
+    if not (_is_str_or_none(sender) and _is_str_or_none(target) and _is_str_or_none(method)):
+        raise ProtocolError("sender, target and method must be strings or nil")
+    if not _is_str_or_none(incarnation):
+        raise ProtocolError("incarnation must be a string or nil")
+    if deadline is not None and type(deadline) not in (float, int):
+        raise ProtocolError("deadline must be a number or nil")
+    if opts is not None and type(opts) is not int:
+        raise ProtocolError("opts must be an int or nil")
+    if k in REQUEST_KINDS:
+        if method is None:
+            raise ProtocolError(f"{k.name} without a method")
+        if type(body) is not list or len(body) != 2:
+            raise ProtocolError("request body is not [args, kwargs]")
+        args, kwargs = body
+        if type(args) is not list:
+            raise ProtocolError("request args are not an array")
+        if kwargs is not None:
+            if type(kwargs) is not dict or not all(type(key) is str for key in kwargs):
+                raise ProtocolError("request kwargs are not a map with string keys")
+    elif k is Kind.ERROR:
+        if (
+            type(body) is not list
+            or len(body) != 5
+            or type(body[0]) is not str
+            or body[0] not in ERROR_CODES
+            or not all(_is_str_or_none(x) for x in body[1:4])
+            or not (body[4] is None or type(body[4]) is dict)
+        ):
+            raise ProtocolError("error body is not [code, type, message, traceback, details]")
+    elif k in (Kind.CREDIT,):
+        if opts is None or opts <= 0:
+            raise ProtocolError("credit without a positive amount")
+    return Envelope(k, corr, sender, target, method, deadline, body, opts, incarnation)
+
+
+def error_body(
+    code: str, type_name: str | None, message: str, traceback: str | None, details: dict[str, Any] | None = None
+) -> list[Any]:
+    assert code in ERROR_CODES, code
+    return [code, type_name, message, traceback, details]
