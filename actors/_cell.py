@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import sys
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -44,6 +46,11 @@ class ActorCell:
         self._room: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopped: asyncio.Future[None] | None = None
+        # Eager execution: while the loop is parked on an empty mailbox, a message is handled
+        # straight from the reader callback, saving a loop iteration per message. A handler
+        # that suspends finishes in `_current`, and the actor is busy until it does.
+        self._parked = False
+        self._current: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -67,6 +74,7 @@ class ActorCell:
     def _wake(self) -> None:
         w = self._wakeup
         if w is not None and not w.done():
+            self._parked = False
             w.set_result(None)
 
     # -- mailbox -------------------------------------------------------------------------
@@ -78,6 +86,8 @@ class ActorCell:
             self._refuse(msg)
             return False
         mailbox = self.mailbox
+        if self._parked and self._current is None and not mailbox and self._try_eager(msg):
+            return False
         mailbox.append(msg)
         depth = len(mailbox)
         if depth > self.stats.max_depth:
@@ -113,12 +123,21 @@ class ActorCell:
         mailbox = self.mailbox
         try:
             while True:
+                current = self._current
+                if current is not None:
+                    await current  # it reports its own errors; this only keeps the order
+                    self._current = None
+                    continue
                 if not mailbox:
                     if self.stopping:
                         break
                     self._wakeup = self.node.loop.create_future()
-                    await self._wakeup
-                    self._wakeup = None
+                    self._parked = True
+                    try:
+                        await self._wakeup
+                    finally:
+                        self._parked = False
+                        self._wakeup = None
                     continue
                 msg = mailbox.popleft()
                 self._took_one()
@@ -171,6 +190,59 @@ class ActorCell:
         else:
             self.node.stats.tell_failures += 1
             self.node.log.warning(f"tell-{self.name}", "tell %s.%s failed: %s", self.name, msg.method, exc)
+
+    def _try_eager(self, msg: Message) -> bool:
+        """Handle msg now if it is a plain ask or tell; False leaves it to the loop."""
+        if msg.kind is Kind.STREAM or not _EAGER_CONTEXT:
+            return False
+        handler = self.handlers.get(msg.method)
+        if handler is None or handler.kind == "stream" or handler.concurrent:
+            return False
+        if msg.deadline is not None and msg.deadline <= time.time():
+            return False
+        # The handler gets a context of its own, as it would in a task.
+        ctx = contextvars.copy_context()
+        try:
+            result = ctx.run(self._first_step, msg, handler)
+        except Exception as exc:
+            self._fail(msg, exc, "remote")
+            return True
+        if type(result) is _Suspended:
+            self._current = self.node.tasks.spawn(self._finish(msg, result), name=f"{self.name}.{msg.method}",
+                                                  context=ctx)
+            return True
+        self.stats.handled += 1
+        if msg.reply is not None:
+            pending = msg.reply.ok(result)
+            if pending is not None:
+                self._current = self.node.tasks.spawn(_wait_sent(pending), name=f"{self.name} reply")
+        return True
+
+    def _first_step(self, msg: Message, handler: Handler) -> Any:
+        fn = getattr(self.instance, handler.name)
+        result = fn(*msg.args, **msg.kwargs) if msg.kwargs else fn(*msg.args)
+        if handler.kind != "async":
+            return result
+        try:
+            yielded = result.send(None)
+        except StopIteration as stop:
+            return stop.value
+        return _Suspended(result, yielded)
+
+    async def _finish(self, msg: Message, suspended: _Suspended) -> None:
+        try:
+            result = await suspended
+        except Exception as exc:
+            self._fail(msg, exc, "remote")
+        else:
+            self.stats.handled += 1
+            if msg.reply is not None:
+                pending = msg.reply.ok(result)
+                if pending is not None:
+                    await pending
+        finally:
+            if self._current is asyncio.current_task():
+                self._current = None
 
     async def _call(self, msg: Message, handler: Handler) -> None:
         fn = getattr(self.instance, handler.name)
@@ -237,3 +309,42 @@ class ActorCell:
             "expired": s.expired,
             "put_waits": s.put_waits,
         }
+
+
+_EAGER_CONTEXT = sys.version_info >= (3, 11)  # create_task(context=) arrived in 3.11
+
+
+async def _wait_sent(pending: asyncio.Future[None]) -> None:
+    await pending
+
+
+class _Suspended:
+    """A handler coroutine that was started by hand and suspended at its first await.
+
+    Awaiting it hands each yielded future to the task that awaits us and sends results (or
+    throws exceptions) back into the coroutine: the same protocol a Task speaks, so the
+    handler cannot tell that its first step ran outside a task."""
+
+    __slots__ = ("coro", "first")
+
+    def __init__(self, coro: Any, first: Any) -> None:
+        self.coro = coro
+        self.first = first
+
+    def __await__(self) -> Any:
+        coro = self.coro
+        to_yield = self.first
+        self.first = None
+        while True:
+            try:
+                sent = yield to_yield
+            except BaseException as exc:  # noqa: B036 - cancellation must reach the handler too
+                try:
+                    to_yield = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    to_yield = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value

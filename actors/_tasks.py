@@ -9,6 +9,7 @@ was never retrieved") and cancels and awaits what is left when it closes.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -27,11 +28,16 @@ class TaskSet:
         self._on_error = on_error
         self._closed = False
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None) -> asyncio.Task[Any]:
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str | None = None,
+              context: contextvars.Context | None = None) -> asyncio.Task[Any]:
         if self._closed:
             coro.close()
             raise RuntimeError(f"task set {self._name} is closed")
-        task = asyncio.get_running_loop().create_task(coro, name=name)
+        loop = asyncio.get_running_loop()
+        if context is not None:
+            task = loop.create_task(coro, name=name, context=context)  # type: ignore[call-arg]
+        else:
+            task = loop.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task

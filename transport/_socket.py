@@ -24,6 +24,12 @@ from ._errors import TransportClosed
 
 # Fairness: after this many messages in one wake-up, yield to the loop and continue later.
 _DRAIN_BUDGET = 512
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_ZEROCOPY_MIN = 64 * 1024
 
 
 class Unroutable(Exception):
@@ -67,11 +73,13 @@ class AsyncSocket:
         self._loop = loop
         self._fd: int = sock.getsockopt(zmq.FD)
         self._recv = sock.recv_multipart
-        self._send = sock.send_multipart
         self._pending: deque[tuple[list[Any], asyncio.Future[None] | None]] = deque()
         self._drain_scheduled = False
+        self._in_drain = False
         self._paused = False
         self.closed = False
+        self._get = sock.getsockopt
+        self._send_one = sock.send
         loop.add_reader(self._fd, self._on_ready)
         # Messages may already be waiting (the edge fired before we watched the FD).
         self._schedule_drain()
@@ -87,26 +95,39 @@ class AsyncSocket:
         self._drain_scheduled = False
         if self.closed:
             return
-        if self._pending:
-            self._flush()
-        if self._paused:
-            return
-        recv = self._recv
-        on_message = self._on_message
-        for _ in range(_DRAIN_BUDGET):
-            try:
-                frames = recv(zmq.NOBLOCK)
-            except zmq.Again:
+        get = self._get
+        self._in_drain = True
+        try:
+            events = get(_EVENTS)
+            if self._pending and events & _POLLOUT:
+                self._flush()
+                events = get(_EVENTS)
+            if self._paused:
                 return
-            except zmq.ZMQError:
-                if self.closed:
+            recv = self._recv
+            on_message = self._on_message
+            n = 0
+            # Ask EVENTS rather than read until zmq.Again: building that exception costs
+            # ~4 us, an EVENTS query ~1.3 us.
+            while events & _POLLIN:
+                frames = recv(_NOBLOCK)
+                on_message(frames)
+                if self._paused or self.closed:
                     return
-                raise
-            on_message(frames)
-            if self._paused or self.closed:
+                n += 1
+                if n >= _DRAIN_BUDGET:
+                    # Budget spent with input left: continue on a later loop iteration.
+                    self._schedule_drain()
+                    return
+                events = get(_EVENTS)
+            if self._pending and events & _POLLOUT:
+                self._flush()
+        except zmq.ZMQError:
+            if self.closed:
                 return
-        # Budget spent with input left: continue on a later loop iteration.
-        self._schedule_drain()
+            raise
+        finally:
+            self._in_drain = False
 
     def pause_reading(self) -> None:
         """Stop draining input; zmq's queues then fill and push back on the senders."""
@@ -134,7 +155,7 @@ class AsyncSocket:
             self._pending.append((frames, fut))
             return fut
         try:
-            self._send(frames, zmq.NOBLOCK, copy=len(frames) == 1)
+            self._write(frames)
         except zmq.Again:
             fut = self._loop.create_future()
             self._pending.append((frames, fut))
@@ -144,16 +165,29 @@ class AsyncSocket:
             if exc.errno == errno.EHOSTUNREACH:
                 raise Unroutable(str(exc)) from exc
             raise
-        # A send can swallow the edge that announced input; look again.
-        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        # A send can swallow the edge that announced input; look again, unless a drain of
+        # this very socket is running and will look anyway.
+        if not self._in_drain and self._get(_EVENTS) & _POLLIN:
             self._schedule_drain()
         return None
+
+    def _write(self, frames: list[Any]) -> None:
+        send = self._send_one
+        last = len(frames) - 1
+        if last == 0:
+            send(frames[0], _NOBLOCK)
+            return
+        # Once zmq accepts the first part of a multipart message it accepts the rest, so only
+        # the first send can raise Again. Small frames are copied (cheaper than tracking a
+        # zero-copy buffer); large ones go without a copy.
+        for i, frame in enumerate(frames):
+            send(frame, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK, copy=len(frame) < _ZEROCOPY_MIN)
 
     def _flush(self) -> None:
         while self._pending:
             frames, fut = self._pending[0]
             try:
-                self._send(frames, zmq.NOBLOCK, copy=len(frames) == 1)
+                self._write(frames)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
@@ -167,7 +201,7 @@ class AsyncSocket:
             self._pending.popleft()
             if fut is not None and not fut.done():
                 fut.set_result(None)
-        if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not self._in_drain and self._get(_EVENTS) & _POLLIN:
             self._schedule_drain()
 
     @property
