@@ -17,7 +17,7 @@ from ._errors import (
 )
 from ._loop import run
 from ._ref import ActorRef
-from ._system import ActorSystem, Placement
+from ._system import ActorSystem, Placement, Transport
 
 __all__ = [
     "Actor",
@@ -34,6 +34,7 @@ __all__ = [
     "RemoteError",
     "SerializationError",
     "SystemClosed",
+    "Transport",
     "TransportClosed",
     "concurrent",
     "run",

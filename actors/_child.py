@@ -79,7 +79,8 @@ async def _serve(header: dict[str, Any], blob: bytes) -> int:
 
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
     try:
-        await node.call(parent, None, "spawn_ready", [header["token"], os.getpid()], timeout=30.0)
+        await node.call(parent, None, "spawn_ready", [header["token"], os.getpid(), node.endpoint],
+                        timeout=30.0)
         await exit_now
     except CascadaError:
         pass  # the system went away: fate-share

@@ -172,6 +172,8 @@ class Node:
             self._ctx.term()
             self._ctx = None
             raise ConfigurationError(f"cannot listen on {self.endpoint}: {exc}") from exc
+        # A wildcard tcp port ("tcp://127.0.0.1:*") is only known after bind.
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         path = ipc_path(self.endpoint)
         if path is not None:
             os.chmod(path, 0o600)

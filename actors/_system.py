@@ -11,7 +11,7 @@ import signal
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from ..transport._endpoints import IpcDirectory, ipc_path
+from ..transport._endpoints import IpcDirectory, check_ipc_base, ipc_path
 from ..transport._errors import ConfigurationError, DeadlineExceeded
 from ._actor import Actor
 from ._cell import ActorCell
@@ -21,6 +21,8 @@ from ._ref import ActorRef, current_node
 from ._spawner import Spawner, pickle_spec
 
 Placement = Literal["process", "local"]
+Transport = Literal["ipc", "tcp"]
+_LOOPBACK = ("127.", "::1", "localhost")
 _PLACEMENTS = ("process", "local")
 _NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 
@@ -58,6 +60,9 @@ class ActorSystem:
       and again before SIGKILL.
     - ``ipc_dir``: where the private 0700 directory of ipc sockets is made (default: the
       system temp dir).
+    - ``transport``: ``"ipc"`` (default; unix sockets in that private directory) or ``"tcp"``
+      (each node listens on ``tcp_host`` at a free port). Until CurveZMQ authentication
+      lands, tcp is limited to loopback addresses.
     - ``stream_window``, ``hwm``, ``max_header_bytes``, ``max_frames``, ``max_frame_bytes``:
       flow-control and wire limits (see README).
     """
@@ -71,6 +76,8 @@ class ActorSystem:
         spawn_timeout: float = 60.0,
         stop_timeout: float = 5.0,
         ipc_dir: str | None = None,
+        transport: Transport = "ipc",
+        tcp_host: str = "127.0.0.1",
         stream_window: int = 64,
         hwm: int = 10_000,
         max_header_bytes: int = 64 << 20,
@@ -85,6 +92,17 @@ class ActorSystem:
         self.config = NodeConfig(hwm=hwm, max_header_bytes=max_header_bytes, max_frames=max_frames,
                                  max_frame_bytes=max_frame_bytes, mailbox_size=mailbox_size,
                                  stream_window=stream_window, default_timeout=default_timeout)
+        if transport not in ("ipc", "tcp"):
+            raise ConfigurationError(f"transport must be 'ipc' or 'tcp', got {transport!r}")
+        if transport == "tcp" and not (isinstance(tcp_host, str) and tcp_host.startswith(_LOOPBACK)):
+            raise ConfigurationError(
+                f"tcp_host {tcp_host!r} is not a loopback address: tcp between hosts needs CurveZMQ "
+                "authentication, which cascada does not offer yet; use 127.0.0.1"
+            )
+        if transport == "ipc":
+            check_ipc_base(ipc_dir)
+        self._transport = transport
+        self._tcp_host = "[::1]" if tcp_host == "::1" else tcp_host
         self._preload = tuple(preload)
         self._spawn_timeout = float(spawn_timeout)
         self._stop_timeout = float(stop_timeout)
@@ -108,7 +126,7 @@ class ActorSystem:
             raise ConfigurationError("an ActorSystem can be entered only once")
         self._dir = IpcDirectory(self._ipc_base)
         try:
-            node = Node(f"system-{secrets.token_hex(3)}", self._dir.endpoint("system"), self.config)
+            node = Node(f"system-{secrets.token_hex(3)}", self._new_endpoint("system"), self.config)
             await node.start()
         except BaseException:
             self._dir.remove()
@@ -119,6 +137,12 @@ class ActorSystem:
         self._spawner = Spawner(self._preload, self._on_child_exit)
         self._ctx_token = current_node.set(node)
         return self
+
+    def _new_endpoint(self, stem: str | None = None) -> str:
+        if self._transport == "tcp":
+            return f"tcp://{self._tcp_host}:*"
+        assert self._dir is not None
+        return self._dir.endpoint(stem)
 
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
@@ -217,7 +241,7 @@ class ActorSystem:
                              name: str, incarnation: str) -> ActorRef:
         assert self._spawner is not None and self._dir is not None
         blob = pickle_spec(cls, args, kwargs)
-        endpoint = self._dir.endpoint()
+        endpoint = self._new_endpoint()
         token = secrets.token_hex(8)
         header = {
             "name": name, "incarnation": incarnation, "node_id": f"{name}-{incarnation}",
@@ -234,7 +258,7 @@ class ActorSystem:
             done, _ = await asyncio.wait({ready, exited}, timeout=self._spawn_timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
             if ready in done:
-                ready.result()  # raises ActorInitFailed when on_start or the constructor raised
+                endpoint = ready.result()  # raises ActorInitFailed when on_start or the constructor raised
                 ref = ActorRef(name, endpoint, pid, node.host, incarnation, node=node)
                 self._children[name] = _Child(ref, pid, exited)
                 return ref
@@ -272,10 +296,10 @@ class ActorSystem:
         self._spawner.forget(pid)
 
     async def _on_spawn_ready(self, env: Any) -> None:
-        token, _pid = env.body[0]
+        token, _pid, endpoint = env.body[0]
         entry = self._pending_spawns.get(token)
         if entry is not None and not entry[0].done():
-            entry[0].set_result(None)
+            entry[0].set_result(endpoint)
 
     async def _on_spawn_failed(self, env: Any) -> None:
         token, message, tb = env.body[0]

@@ -33,6 +33,7 @@ from .actors import ProtocolError as ProtocolError
 from .actors import RemoteError as RemoteError
 from .actors import SerializationError as SerializationError
 from .actors import SystemClosed as SystemClosed
+from .actors import Transport as Transport
 from .actors import TransportClosed as TransportClosed
 from .actors import concurrent as concurrent
 from .actors import run as run
@@ -54,6 +55,7 @@ __all__ = [
     "RemoteError",
     "SerializationError",
     "SystemClosed",
+    "Transport",
     "TransportClosed",
     "concurrent",
     "run",

@@ -20,8 +20,15 @@ class IpcDirectory:
     everything in it when the system closes, which also cleans files left by a SIGKILLed
     process (libzmq cannot unlink those)."""
 
+    # "/cascada-XXXXXXXX/" + an 8-hex-digit stem + ".ipc"
+    _OVERHEAD = 18 + 8 + 4
+
     def __init__(self, base: str | None = None) -> None:
-        self.path = tempfile.mkdtemp(prefix="cascada-", dir=base)
+        check_ipc_base(base)
+        try:
+            self.path = tempfile.mkdtemp(prefix="cascada-", dir=base)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot create the ipc directory in {base!r}: {exc}") from exc
         os.chmod(self.path, 0o700)
 
     def endpoint(self, stem: str | None = None) -> str:
@@ -36,6 +43,17 @@ class IpcDirectory:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def check_ipc_base(base: str | None) -> None:
+    """Refuse, before anything is created, a base directory whose socket paths would be too long."""
+    resolved = os.path.abspath(base if base is not None else tempfile.gettempdir())
+    longest = len(resolved) + IpcDirectory._OVERHEAD
+    if longest > IPC_PATH_MAX:
+        raise ConfigurationError(
+            f"ipc_dir {resolved!r} is too long: socket paths under it would reach {longest} characters, "
+            f"over the {IPC_PATH_MAX} that unix sockets allow; choose a shorter directory such as /tmp"
+        )
 
 
 def ipc_path(endpoint: str) -> str | None:

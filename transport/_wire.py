@@ -51,6 +51,10 @@ class Kind(enum.IntEnum):
 REQUEST_KINDS = frozenset((Kind.ASK, Kind.TELL, Kind.STREAM))
 _KIND_BY_VALUE = {int(k): k for k in Kind}
 
+# Nested ext values recurse through msgpack's C code, where Python's recursion limit does
+# not guard the C stack: without a bound, a few KB of nested tuples would crash the process.
+MAX_EXT_DEPTH = 64
+
 # Ext codes. 1-15 belong to cascada; nothing else is accepted.
 EXT_TUPLE = 1
 EXT_REF = 2
@@ -152,6 +156,7 @@ class Codec:
         self._packer = msgpack.Packer(default=self._default, strict_types=True, autoreset=True)
         self._oob: list[Any] = []
         self._frames: Sequence[Any] = ()
+        self._depth = 0
 
     def register(self, type_: type, encoder: ExtEncoder, code: int, decoder: ExtDecoder) -> None:
         """Teach the codec a new ext type (used by the actor and tensor layers)."""
@@ -184,7 +189,13 @@ class Codec:
 
     def _pack_nested(self, value: Any) -> bytes:
         # The outer packer is mid-pack; a nested value needs a packer of its own.
-        return msgpack.packb(value, default=self._default, strict_types=True)
+        if self._depth >= MAX_EXT_DEPTH:
+            raise ValueError(f"tuples nested deeper than {MAX_EXT_DEPTH} levels")
+        self._depth += 1
+        try:
+            return msgpack.packb(value, default=self._default, strict_types=True)
+        finally:
+            self._depth -= 1
 
     def encode(
         self,
@@ -205,8 +216,9 @@ class Codec:
             head = self._packer.pack(
                 [VERSION, int(kind), corr, sender, target, method, deadline, body, opts, incarnation]
             )
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
             self._packer.reset()
+            self._depth = 0
             raise SerializationError(f"{kind.name.lower()} {method or ''}: {exc}") from exc
         finally:
             self._oob = []
@@ -243,7 +255,13 @@ class Codec:
         )
 
     def _decode_tuple(self, data: bytes, frames: Sequence[Any]) -> tuple[Any, ...]:
-        value = self._unpack(data)
+        if self._depth >= MAX_EXT_DEPTH:
+            raise ProtocolError(f"ext values nested deeper than {MAX_EXT_DEPTH} levels")
+        self._depth += 1
+        try:
+            value = self._unpack(data)
+        finally:
+            self._depth -= 1
         if type(value) is not list:
             raise ProtocolError("tuple ext does not hold an array")
         return tuple(value)
@@ -269,6 +287,7 @@ class Codec:
             raise ProtocolError(f"undecodable header: {type(exc).__name__}: {exc}") from exc
         finally:
             self._frames = ()
+            self._depth = 0
         return _validate(h)
 
 

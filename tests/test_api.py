@@ -1,0 +1,74 @@
+"""The front door: one installed package, explicit exports, nothing heavy on import."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+import cascada
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+EXPECTED = {
+    "Actor", "ActorDied", "ActorInitFailed", "ActorNotFound", "ActorRef", "ActorSystem", "CascadaError",
+    "ConfigurationError", "DeadlineExceeded", "Placement", "ProtocolError", "RemoteError",
+    "SerializationError", "SystemClosed", "Transport", "TransportClosed", "concurrent", "run",
+}
+
+
+def test_all_is_explicit_and_complete() -> None:
+    assert set(cascada.__all__) == EXPECTED
+    for name in cascada.__all__:
+        assert getattr(cascada, name) is not None
+
+
+def test_error_tree() -> None:
+    for name in ("ActorDied", "ActorInitFailed", "ActorNotFound", "ConfigurationError", "DeadlineExceeded",
+                 "ProtocolError", "RemoteError", "SerializationError", "SystemClosed", "TransportClosed"):
+        assert issubclass(getattr(cascada, name), cascada.CascadaError)
+    assert issubclass(cascada.DeadlineExceeded, TimeoutError)
+    assert issubclass(cascada.ActorNotFound, LookupError)
+    assert issubclass(cascada.ConfigurationError, ValueError)
+
+
+def test_subpackages_are_installed_once_under_cascada() -> None:
+    import cascada.actors
+    import cascada.transport
+
+    assert "actors" not in sys.modules and "transport" not in sys.modules
+    assert pathlib.Path(cascada.actors.__file__).parent.name == "actors"
+    code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('actors') is not None)"
+    assert subprocess.run([sys.executable, "-c", code], cwd="/").returncode == 0
+
+
+def test_import_is_light() -> None:
+    code = ("import sys, cascada, cascada.actors, cascada.transport, cascada.stages, cascada.cudakernels; "
+            "heavy = [m for m in ('torch', 'cupy', 'numpy') if m in sys.modules]; print(heavy); "
+            "sys.exit(bool(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.slow
+def test_wheel_installs_nothing_at_top_level_but_cascada(tmp_path: pathlib.Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path), str(REPO)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = tmp_path.glob("cascada-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert tops == {"cascada", next(t for t in tops if t.endswith(".dist-info"))}
+    for sub in ("actors", "transport", "stages", "cudakernels"):
+        assert f"cascada/{sub}/__init__.py" in names
+    assert "cascada/py.typed" in names
+    assert not any(n.startswith("cascada/tests") for n in names)
+
+
+def test_cli_version() -> None:
+    out = subprocess.run([str(pathlib.Path(sys.executable).parent / "cascada"), "version"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == cascada.__version__

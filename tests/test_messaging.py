@@ -1,0 +1,251 @@
+"""ask / tell / stream, ordering, errors and deadlines: the same tests for every placement
+(an actor in this process, in its own process over ipc, and over tcp loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from typing import Any
+
+import pytest
+from actors_for_tests import Counter, Gate, Recorder
+
+import cascada
+
+
+async def test_issue_contract(system: cascada.ActorSystem, spawn: Any) -> None:
+    ref = await spawn(Counter, name="c")
+    assert await ref.ask("add", 2) == 2
+    await ref.tell("add", 1)
+    assert [x async for x in ref.stream("count_to", 3)] == [0, 1, 2]
+    assert await ref.ask("add", 1, timeout=0.5) == 4
+    await system.stop(ref)
+    with pytest.raises(cascada.ActorNotFound):
+        system.lookup("c")
+
+
+async def test_values_survive_the_trip(spawn: Any) -> None:
+    ref = await spawn(Recorder)
+    value = {"t": (1, (2, 3)), "l": [1, 2.5, None, True], "b": b"\x00\xff", 7: "int key", "s": "ü"}
+    assert await ref.ask("echo_value", value) == value
+    assert await ref.ask("echo", 1, "a", k=(1,)) == [(1, "a"), {"k": (1,)}]
+    assert await ref.ask("sync_add", 2, 3) == 5
+    big = list(range(100_000))
+    assert await ref.ask("echo_value", big) == big
+
+
+async def test_unsendable_value_is_refused_before_sending(spawn: Any, placement: str) -> None:
+    ref = await spawn(Recorder)
+    thing = object()
+    if placement == "local":
+        # No serialization in-process: the very object arrives.
+        assert await ref.ask("echo_value", thing) is thing
+        return
+    with pytest.raises(cascada.SerializationError, match="cannot send a value of type"):
+        await ref.ask("echo_value", thing)
+    assert await ref.ask("echo_value", 1) == 1
+
+
+async def test_tells_are_handled_in_order(spawn: Any) -> None:
+    ref = await spawn(Recorder)
+    for i in range(500):
+        await ref.tell("record", i)
+    assert await ref.ask("history") == list(range(500))
+
+
+async def test_concurrent_asks_keep_sending_order(spawn: Any) -> None:
+    ref = await spawn(Recorder)
+    await asyncio.gather(*(ref.ask("nap", 0.0, i) for i in range(200)))
+    assert await ref.ask("history") == list(range(200))
+
+
+async def test_one_message_at_a_time_by_default(spawn: Any) -> None:
+    ref = await spawn(Recorder)
+    await asyncio.gather(*(ref.ask("nap", 0.01) for _ in range(10)))
+    assert await ref.ask("max_concurrency") == 1
+
+
+async def test_concurrent_handlers_overlap(spawn: Any) -> None:
+    ref = await spawn(Gate)
+    waiting = asyncio.ensure_future(ref.ask("wait", timeout=10))
+    assert await ref.ask("release", timeout=10) == "done"
+    assert await waiting == "released"
+
+
+async def test_remote_error_carries_type_and_traceback(spawn: Any) -> None:
+    ref = await spawn(Recorder, name="rec")
+    with pytest.raises(cascada.RemoteError) as info:
+        await ref.ask("fail", "bad input 42")
+    err = info.value
+    assert err.remote_type == "ValueError"
+    assert "bad input 42" in str(err)
+    assert err.remote_traceback is not None and "in fail" in err.remote_traceback
+    assert err.actor == "rec" and err.method == "fail"
+    assert await ref.ask("echo_value", "still alive") == "still alive"
+
+
+async def test_unknown_private_and_mismatched_methods(spawn: Any) -> None:
+    ref = await spawn(Recorder)
+    with pytest.raises(cascada.ActorNotFound, match="no public handler 'nope'"):
+        await ref.ask("nope")
+    with pytest.raises(cascada.ActorNotFound, match="_secret"):
+        await ref.ask("_secret")
+    with pytest.raises(cascada.ActorNotFound, match="is a stream"):
+        await ref.ask("ticks", 3)
+    with pytest.raises(cascada.ActorNotFound, match="not a stream"):
+        async for _ in ref.stream("record", 1):
+            pass
+    await ref.tell("nope")  # a bad tell is counted where it lands, not raised here
+    assert await ref.ask("echo_value", 1) == 1
+
+
+async def test_deadline_exceeded_then_actor_still_serves(spawn: Any) -> None:
+    ref = await spawn(Recorder)
+    t0 = time.monotonic()
+    with pytest.raises(cascada.DeadlineExceeded) as info:
+        await ref.ask("nap", 1.0, timeout=0.2)
+    assert isinstance(info.value, TimeoutError)
+    assert time.monotonic() - t0 < 0.8
+    assert await ref.ask("echo_value", "ok", timeout=5) == "ok"
+
+
+async def test_expired_work_is_dropped_not_computed(system: cascada.ActorSystem, spawn: Any) -> None:
+    ref = await spawn(Recorder)
+    busy = asyncio.ensure_future(ref.ask("nap", 0.5))
+    await asyncio.sleep(0.05)
+    with pytest.raises(cascada.DeadlineExceeded):
+        await ref.ask("nap", 0.0, "late", timeout=0.1)
+    await busy
+    assert await ref.ask("history") == []
+    stats = await system.stats(ref)
+    assert stats["actors"][0]["expired"] == 1
+
+
+async def test_bad_timeouts_are_refused(spawn: Any) -> None:
+    ref = await spawn(Recorder)
+    with pytest.raises(cascada.ConfigurationError):
+        await ref.ask("echo_value", 1, timeout=-1)
+    with pytest.raises(cascada.ConfigurationError):
+        await ref.ask("echo_value", 1, timeout=math.nan)
+    assert await ref.ask("echo_value", 1, timeout=math.inf) == 1
+
+
+async def test_stream_error_midway(spawn: Any) -> None:
+    ref = await spawn(Recorder)
+    got = []
+    with pytest.raises(cascada.RemoteError, match="tick 3 broke"):
+        async for x in ref.stream("ticks", 10, fail_at=3):
+            got.append(x)
+    assert got == [0, 1, 2]
+
+
+async def test_leaving_a_stream_early_cancels_the_producer(spawn: Any) -> None:
+    ref = await spawn(Recorder)
+    agen = ref.stream("ticks", 1_000_000, window=8)
+    async for x in agen:
+        if x == 5:
+            break
+    await agen.aclose()
+    for _ in range(100):
+        state = await ref.ask("stream_state")
+        if state["closed"] == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert state["closed"] == 1
+    assert state["produced"] < 100  # the producer was held back by credit, then stopped
+
+
+async def test_stream_backpressure_bounds_the_producer(spawn: Any) -> None:
+    ref = await spawn(Recorder)
+    agen = ref.stream("ticks", 10_000, window=16)
+    assert await agen.__anext__() == 0
+    await asyncio.sleep(0.2)  # give an unbounded producer time to run far ahead
+    await agen.aclose()
+    # The actor finished the cancelled stream and serves again; it never ran ahead of credit.
+    state = await ref.ask("stream_state")
+    assert state["produced"] <= 16 + 1
+
+
+async def test_stream_timeout(spawn: Any) -> None:
+    ref = await spawn(Recorder)
+    with pytest.raises(cascada.DeadlineExceeded):
+        async for _ in ref.stream("ticks", 10**9, timeout=0.2, window=1):
+            await asyncio.sleep(0.05)
+
+
+async def test_refs_travel_in_messages_and_constructors(system: cascada.ActorSystem, spawn: Any, placement: str) -> None:
+    from actors_for_tests import Holder
+
+    counter = await spawn(Counter, name="counter")
+    a = await spawn(Recorder, name="a")
+    assert await a.ask("call_other", counter, "add", 5) == 5
+    holder = await spawn(Holder, counter)
+    assert await holder.ask("forward", "add", 1) == 6
+    me = await a.ask("whoami")
+    assert me == a and isinstance(me, cascada.ActorRef)
+    # A process actor calling back into an actor that lives in the driver's process.
+    local = await system.spawn(Counter, name="local-counter", placement="local")
+    assert await a.ask("call_other", local, "add", 3) == 3
+
+
+async def test_runs_on_uvloop(spawn: Any) -> None:
+    ref = await spawn(Recorder)
+    env = await ref.ask("env")
+    assert env["loop"].startswith("uvloop")
+    assert env["torch"] is False
+
+
+async def test_tell_and_ask_to_a_stopped_actor(system: cascada.ActorSystem, spawn: Any) -> None:
+    ref = await spawn(Recorder)
+    await system.stop(ref)
+    with pytest.raises((cascada.ActorNotFound, cascada.ActorDied)):
+        await ref.ask("echo_value", 1, timeout=2)
+
+
+async def test_graceful_stop_drains_accepted_messages(system: cascada.ActorSystem, spawn: Any, tmp_path: Any) -> None:
+    from actors_for_tests import Drainer
+
+    out = tmp_path / "count"
+    ref = await spawn(Drainer, str(out))
+    for _ in range(20):
+        await ref.tell("work", 0.005)
+    await system.stop(ref)
+    assert out.read_text() == "20"
+
+
+async def test_mailbox_is_bounded_and_pushes_back(placement: str) -> None:
+    from conftest import spawn_placement, system_kwargs
+
+    async with cascada.ActorSystem(mailbox_size=4, hwm=4, **system_kwargs(placement)) as system:
+        ref = await system.spawn(Recorder, placement=spawn_placement(placement))
+        for i in range(200):
+            await ref.tell("nap", 0.0005, i)
+        assert await ref.ask("history", timeout=30) == list(range(200))
+        stats = await system.stats(ref)
+        assert stats["actors"][0]["max_depth"] <= 4
+        assert stats["actors"][0]["capacity"] == 4
+
+
+async def test_stats_report_counters(system: cascada.ActorSystem, spawn: Any) -> None:
+    ref = await spawn(Recorder)
+    await ref.ask("echo_value", 1)
+    with pytest.raises(cascada.RemoteError):
+        await ref.ask("fail", "x")
+    stats = await system.stats(ref)
+    actor = stats["actors"][0]
+    assert actor["handled"] >= 1 and actor["failed"] == 1
+    assert stats["pid"] == ref.pid
+    assert set(stats["node"]) >= {"rejected_frames", "late_replies", "unroutable_replies"}
+
+
+async def test_distinct_processes(system: cascada.ActorSystem, placement: str, spawn: Any) -> None:
+    a = await spawn(Recorder)
+    b = await spawn(Recorder)
+    pa, pb = (await a.ask("env"))["pid"], (await b.ask("env"))["pid"]
+    if placement == "local":
+        assert pa == pb == os.getpid()
+    else:
+        assert len({pa, pb, os.getpid()}) == 3
+        assert (pa, pb) == (a.pid, b.pid)

@@ -1,0 +1,270 @@
+"""What only real processes can show: kill -9, init failures, hostile frames, ipc hygiene,
+preloading, and classes that travel by value."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import struct
+import threading
+import time
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+from actors_for_tests import BadInit, BadStart, Counter, Recorder
+
+import cascada
+
+
+class DefinedInTestModule(cascada.Actor):
+    """Lives in a test module loaded by path: it must reach its process by value."""
+
+    async def hello(self, who: str) -> str:
+        return f"hello {who} from {type(self).__module__}"
+
+
+async def test_class_from_test_module_travels_by_value() -> None:
+    async with cascada.ActorSystem() as system:
+        ref = await system.spawn(DefinedInTestModule)
+        assert (await ref.ask("hello", "you")).startswith("hello you")
+
+
+async def test_class_defined_in_a_function_works() -> None:
+    class Local(cascada.Actor):
+        def __init__(self, base: int) -> None:
+            self.base = base
+
+        async def plus(self, k: int) -> int:
+            return self.base + k
+
+    async with cascada.ActorSystem() as system:
+        ref = await system.spawn(Local, 40)
+        assert await ref.ask("plus", 2) == 42
+
+
+async def test_kill9_fails_pending_asks_with_actor_died() -> None:
+    async with cascada.ActorSystem() as system:
+        ref = await system.spawn(Recorder, name="victim")
+        pending = [asyncio.ensure_future(ref.ask("nap", 30.0, i)) for i in range(10)]
+        await asyncio.sleep(0.2)
+        t0 = time.monotonic()
+        os.kill(ref.pid, signal.SIGKILL)
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        elapsed = time.monotonic() - t0
+        assert all(isinstance(r, cascada.ActorDied) for r in results), results
+        assert elapsed < 2.0
+        assert "may or may not have run" in str(results[0])
+        # Later calls fail at once instead of waiting for a deadline.
+        t0 = time.monotonic()
+        with pytest.raises(cascada.ActorDied, match="SIGKILL|gone"):
+            await ref.ask("echo_value", 1, timeout=30)
+        assert time.monotonic() - t0 < 1.0
+        # Others in the system are unaffected.
+        other = await system.spawn(Counter)
+        assert await other.ask("add", 1) == 1
+
+
+async def test_kill9_of_an_idle_actor_then_ask_fails_fast() -> None:
+    async with cascada.ActorSystem() as system:
+        ref = await system.spawn(Recorder)
+        os.kill(ref.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(cascada.ActorDied):
+            for _ in range(50):
+                await ref.ask("echo_value", 1, timeout=5)
+                await asyncio.sleep(0.05)
+        assert time.monotonic() - t0 < 2.0
+
+
+async def test_third_party_caller_sees_actor_died() -> None:
+    """A process actor asking another process actor that dies: ActorDied crosses back."""
+    async with cascada.ActorSystem() as system:
+        victim = await system.spawn(Recorder, name="victim")
+        caller = await system.spawn(Recorder, name="caller")
+        call = asyncio.ensure_future(caller.ask("call_other", victim, "nap", 30.0))
+        await asyncio.sleep(0.3)
+        os.kill(victim.pid, signal.SIGKILL)
+        with pytest.raises(cascada.RemoteError) as info:
+            await asyncio.wait_for(call, 5)
+        assert "ActorDied" in info.value.remote_type
+
+
+@pytest.mark.parametrize("placement", ["process", "local"])
+async def test_constructor_failure(placement: cascada.Placement) -> None:
+    async with cascada.ActorSystem() as system:
+        with pytest.raises(cascada.ActorInitFailed) as info:
+            await system.spawn(BadInit, "no model", name="bad", placement=placement)
+        assert "constructor refused: no model" in str(info.value)
+        assert info.value.remote_traceback and "in __init__" in info.value.remote_traceback
+        assert info.value.actor == "bad"
+        ipc_dir = os.path.dirname(system.node.endpoint[len("ipc://"):])
+        assert sorted(os.listdir(ipc_dir)) == ["system.ipc"]
+        # The name is free again, and the system still works.
+        ref = await system.spawn(Counter, name="bad", placement=placement)
+        assert await ref.ask("add", 1) == 1
+
+
+@pytest.mark.parametrize("placement", ["process", "local"])
+async def test_on_start_failure(placement: cascada.Placement) -> None:
+    async with cascada.ActorSystem() as system:
+        with pytest.raises(cascada.ActorInitFailed, match="could not find its model") as info:
+            await system.spawn(BadStart, placement=placement)
+        assert "on_start" in (info.value.remote_traceback or "")
+
+
+async def test_ipc_directory_is_private_and_removed() -> None:
+    async with cascada.ActorSystem() as system:
+        ref = await system.spawn(Recorder)
+        path = system.node.endpoint[len("ipc://"):]
+        directory = os.path.dirname(path)
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(ref.endpoint[len("ipc://"):]).st_mode) == 0o600
+    assert not os.path.exists(directory)
+
+
+async def test_preload_imports_in_the_forkserver() -> None:
+    async with cascada.ActorSystem(preload=["xml.dom.minidom"]) as system:
+        ref = await system.spawn(Recorder)
+        env = await ref.ask("env")
+        assert "xml.dom.minidom" in env["modules"]
+
+
+async def test_preload_failure_is_a_clear_error() -> None:
+    async with cascada.ActorSystem(preload=["no_such_module_xyz"]) as system:
+        with pytest.raises(cascada.ConfigurationError, match="no_such_module_xyz"):
+            await system.spawn(Recorder)
+
+
+async def test_spawn_refuses_bad_input() -> None:
+    async with cascada.ActorSystem() as system:
+        with pytest.raises(cascada.ConfigurationError, match="subclass of cascada.Actor"):
+            await system.spawn(dict)  # type: ignore[arg-type]
+        with pytest.raises(cascada.ConfigurationError, match="placement"):
+            await system.spawn(Counter, placement="gpu")  # type: ignore[arg-type]
+        await system.spawn(Counter, name="x")
+        with pytest.raises(cascada.ConfigurationError, match="already exists"):
+            await system.spawn(Counter, name="x")
+        with pytest.raises(cascada.ConfigurationError, match="actor name"):
+            await system.spawn(Counter, name="a b/c")
+        with pytest.raises(cascada.SerializationError):
+            await system.spawn(Recorder, label=threading.Lock())  # a lock cannot travel
+
+
+def test_bad_system_settings() -> None:
+    with pytest.raises(cascada.ConfigurationError):
+        cascada.ActorSystem(mailbox_size=0)
+    with pytest.raises(cascada.ConfigurationError):
+        cascada.ActorSystem(preload="torch")  # type: ignore[arg-type]
+    with pytest.raises(cascada.ConfigurationError, match="loopback"):
+        cascada.ActorSystem(transport="tcp", tcp_host="0.0.0.0")
+    with pytest.raises(cascada.ConfigurationError):
+        cascada.ActorSystem(transport="udp")  # type: ignore[arg-type]
+    with pytest.raises(cascada.ConfigurationError, match="107"):
+        cascada.ActorSystem(ipc_dir="/tmp/" + "x" * 90)
+
+
+async def test_using_a_closed_system_or_stray_ref() -> None:
+    system = cascada.ActorSystem()
+    with pytest.raises(cascada.SystemClosed):
+        await system.spawn(Counter)
+    async with system:
+        ref = await system.spawn(Counter)
+    with pytest.raises(cascada.SystemClosed):
+        await ref.ask("add", 1)
+    with pytest.raises(cascada.SystemClosed):
+        await system.spawn(Counter)
+
+
+# -- hostile frames from a raw zmq socket ---------------------------------------------------
+
+def _array32_bomb() -> bytes:
+    return b"\xdd" + struct.pack(">I", 100_000_000)
+
+
+def _deep(n: int) -> bytes:
+    return b"\x91" * n + b"\xc0"
+
+
+def _deep_tuples(n: int) -> bytes:
+    inner = msgpack.packb(None)
+    for _ in range(n):
+        inner = msgpack.packb(msgpack.ExtType(1, inner))
+    return msgpack.packb([1, 1, 6, None, "victim", "echo_value", None, [[msgpack.ExtType(1, inner)], None], None])
+
+
+HOSTILE: list[tuple[str, list[bytes]]] = [
+    ("random bytes", [os.urandom(64)]),
+    ("empty frame", [b""]),
+    ("truncated", [msgpack.packb([1, 1, 5, "x", "victim", "echo_value"])[:-3]]),
+    ("trailing data", [msgpack.packb([1, 2, 0, None, "victim", "record", None, [[1], None], None]) + b"\x01"]),
+    ("not an array", [msgpack.packb({"kind": 1})]),
+    ("wrong version", [msgpack.packb([99, 1, 5, None, "victim", "echo_value", None, [[1], None], None])]),
+    ("wrong field types", [msgpack.packb([1, 1, "corr", 3, "victim", "echo_value", None, [[1], None], None])]),
+    ("array32 bomb", [_array32_bomb()]),
+    ("map bomb", [b"\xdf" + struct.pack(">I", 100_000_000)]),
+    ("deep nesting", [_deep(100_000)]),
+    ("deep tuple ext nesting", [_deep_tuples(20_000)]),
+    ("unknown ext", [msgpack.packb([1, 1, 5, None, "victim", "echo_value", None,
+                                    [[msgpack.ExtType(99, b"pickle?")], None], None])]),
+    ("pickle in a frame", [b"\x80\x04\x95\x1d\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94."]),
+    ("too many frames", [msgpack.packb([1, 2, 0, None, "victim", "record", None, [[1], None], None])] + [b"x"] * 2000),
+    ("reply kind to a router", [msgpack.packb([1, 4, 5, None, None, None, None, 1, None])]),
+    ("invalid utf-8", [b"\x99\x01\x01\x05\xc0\xa6victim\xa3\xff\xfe\xfd\xc0\x92\x91\x01\xc0\xc0"]),
+]
+
+
+async def test_hostile_frames_leave_the_actor_serving() -> None:
+    async with cascada.ActorSystem(max_header_bytes=1 << 20) as system:
+        ref = await system.spawn(Recorder, name="victim")
+        pid_before = ref.pid
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(ref.endpoint)
+        try:
+            for _label, frames in HOSTILE:
+                sock.send_multipart(frames)
+            sock.send_multipart([b"\x00" * (2 << 20)])  # a header over max_header_bytes
+            # A well-formed request on the same connection is still answered.
+            good = msgpack.packb([1, 1, 77, "raw", "victim", "echo_value", None, [["fine"], None], None])
+            sock.send_multipart([good])
+            replies = []
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if sock.poll(100):
+                    replies.append(msgpack.unpackb(sock.recv(), strict_map_key=False))
+                    if replies[-1][2] == 77:
+                        break
+            assert replies and replies[-1][1] == 4 and replies[-1][7] == "fine"
+            # Salvageable requests got a typed protocol error back.
+            errors = [r for r in replies if r[1] == 5]
+            assert errors and all(r[7][0] == "protocol" for r in errors)
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+        stats = await system.stats(ref)
+        assert stats["node"]["rejected_frames"] >= len(HOSTILE)
+        assert stats["pid"] == pid_before
+        assert await ref.ask("echo_value", "alive") == "alive"
+
+
+async def test_forged_ref_in_a_message_is_rejected() -> None:
+    async with cascada.ActorSystem() as system:
+        ref = await system.spawn(Recorder, name="victim")
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(ref.endpoint)
+        try:
+            bad_ref = msgpack.ExtType(2, msgpack.packb(["x", 1, "not-an-int", "h", None]))
+            sock.send_multipart([msgpack.packb([1, 1, 9, "raw", "victim", "echo_value", None, [[bad_ref], None], None])])
+            assert sock.poll(5000)
+            reply = msgpack.unpackb(sock.recv(), strict_map_key=False)
+            assert reply[1] == 5 and reply[7][0] == "protocol" and "actor ref" in reply[7][2]
+        finally:
+            sock.close(linger=0)
+            ctx.term()

@@ -1,0 +1,122 @@
+"""The lean socket layer, run once per transport (inproc, ipc, tcp): delivery, order,
+high-water-mark pushback, and close."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import zmq
+
+from cascada.transport import AsyncSocket, ConfigurationError, IpcDirectory, TransportClosed, check_endpoint, configure
+
+
+@pytest.fixture(params=["inproc", "ipc", "tcp"])
+async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, ...]]:
+    loop = asyncio.get_running_loop()
+    ctx = zmq.Context()
+    directory = IpcDirectory()
+    endpoint = {"inproc": "inproc://t", "ipc": directory.endpoint("t"), "tcp": "tcp://127.0.0.1:*"}[request.param]
+    inbox: list[list[bytes]] = []
+    arrived = asyncio.Event()
+
+    def on_router(frames: list[bytes]) -> None:
+        inbox.append(frames)
+        arrived.set()
+
+    router = ctx.socket(zmq.ROUTER)
+    configure(router, hwm=50, max_frame_bytes=1 << 20, router=True)
+    router.bind(endpoint)
+    endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+    dealer = ctx.socket(zmq.DEALER)
+    configure(dealer, hwm=50, max_frame_bytes=1 << 20)
+    dealer.connect(endpoint)
+    replies: list[list[bytes]] = []
+    r = AsyncSocket(router, on_router, loop)
+    d = AsyncSocket(dealer, replies.append, loop)
+    try:
+        yield r, d, inbox, arrived, replies
+    finally:
+        r.close()
+        d.close()
+        ctx.term()
+        directory.remove()
+
+
+async def wait_for(cond: Any, timeout: float = 5.0) -> None:
+    async def poll() -> None:
+        while not cond():
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(poll(), timeout)
+
+
+async def test_delivery_order_and_reply(pair: tuple[Any, ...]) -> None:
+    router, dealer, inbox, _arrived, replies = pair
+    for i in range(1000):
+        pending = dealer.send([str(i).encode()])
+        if pending is not None:
+            await pending
+    await wait_for(lambda: len(inbox) == 1000)
+    assert [int(f[1]) for f in inbox] == list(range(1000))
+    identity = inbox[0][0]
+    assert router.send([identity, b"reply", b"x" * 100_000]) is None  # multipart, large part zero-copy
+    await wait_for(lambda: len(replies) == 1)
+    assert replies[0][0] == b"reply" and len(replies[0][1]) == 100_000
+
+
+async def test_high_water_mark_pushes_back(pair: tuple[Any, ...]) -> None:
+    router, dealer, inbox, _arrived, _replies = pair
+    router.pause_reading()
+    futures = []
+    pad = b"." * 10_000  # big enough to fill tcp's kernel buffers too, not only zmq's queues
+    for i in range(2000):
+        pending = dealer.send([b"%d" % i, pad])
+        if pending is not None:
+            futures.append(pending)
+    assert futures, "a paused receiver must make the sender wait, not grow without bound"
+    assert dealer.backlog == len(futures)
+    router.resume_reading()
+    await asyncio.wait_for(asyncio.gather(*futures), 10)
+    await wait_for(lambda: len(inbox) == 2000)
+    assert [int(f[1]) for f in inbox] == list(range(2000))
+
+
+async def test_unroutable_reply_is_reported(pair: tuple[Any, ...]) -> None:
+    from cascada.transport._socket import Unroutable
+
+    router, _dealer, _inbox, _arrived, _replies = pair
+    with pytest.raises(Unroutable):
+        router.send([b"nobody", b"x"])
+
+
+async def test_close_fails_pending_sends(pair: tuple[Any, ...]) -> None:
+    router, dealer, _inbox, _arrived, _replies = pair
+    router.pause_reading()
+    pending = None
+    for _ in range(5000):
+        pending = dealer.send([b"x" * 10_000]) or pending
+    assert pending is not None
+    dealer.close()
+    with pytest.raises(TransportClosed):
+        await pending
+    with pytest.raises(TransportClosed):
+        dealer.send([b"y"])
+
+
+def test_endpoint_validation() -> None:
+    assert check_endpoint("tcp://127.0.0.1:5555")
+    with pytest.raises(ConfigurationError, match="every interface"):
+        check_endpoint("tcp://*:5555")
+    with pytest.raises(ConfigurationError):
+        check_endpoint("udp://x")
+    with pytest.raises(ConfigurationError, match="107"):
+        check_endpoint("ipc:///" + "x" * 120)
+    d = IpcDirectory()
+    try:
+        assert oct(os.stat(d.path).st_mode & 0o777) == "0o700"
+    finally:
+        d.remove()
