@@ -25,7 +25,7 @@ import msgpack
 import zmq
 
 from ..transport import _monitor
-from ..transport._endpoints import host_id, ipc_path
+from ..transport._endpoints import check_endpoint, host_id, ipc_path
 from ..transport._errors import ConfigurationError, DeadlineExceeded, ProtocolError, SerializationError, TransportClosed
 from ..transport._socket import AsyncSocket, Unroutable, configure
 from ..transport._wire import EXT_REF, Codec, Envelope, Kind, Limits, error_body
@@ -229,6 +229,10 @@ class Node:
         if (type(v) is not list or len(v) != 5 or type(v[0]) is not str or type(v[1]) is not str
                 or type(v[2]) is not int or type(v[3]) is not str or not (v[4] is None or type(v[4]) is str)):
             raise ProtocolError("bad actor ref: expected [name, endpoint, pid, host, incarnation]")
+        try:
+            check_endpoint(v[1])
+        except ConfigurationError as exc:
+            raise ProtocolError(f"bad actor ref: {exc}") from exc
         return ActorRef(v[0], v[1], v[2], v[3], v[4], node=self)
 
     # -- inbound: requests and control -----------------------------------------------------
@@ -444,7 +448,12 @@ class Peer:
         mon = sock.get_monitor_socket(_monitor.WATCHED)
         mon.setsockopt(zmq.LINGER, 0)
         self._mon = AsyncSocket(mon, self._on_monitor, node.loop)
-        sock.connect(endpoint)
+        try:
+            sock.connect(check_endpoint(endpoint))
+        except (zmq.ZMQError, ConfigurationError) as exc:
+            self._mon.close()
+            sock.close(linger=0)
+            raise ConfigurationError(f"cannot connect to {endpoint!r}: {exc}") from exc
         self.sock = AsyncSocket(sock, self._on_reply, node.loop)
 
     def close(self, exc: BaseException) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 import pytest
@@ -66,6 +67,26 @@ def test_wheel_installs_nothing_at_top_level_but_cascada(tmp_path: pathlib.Path)
         assert f"cascada/{sub}/__init__.py" in names
     assert "cascada/py.typed" in names
     assert not any(n.startswith("cascada/tests") for n in names)
+    # A regular (non-editable) install of that wheel runs a real process actor.
+    target = tmp_path / "site"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                          str(wheel)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    code = (
+        "import cascada, sys\n"
+        f"assert cascada.__file__.startswith({str(target)!r}), cascada.__file__\n"
+        "class Ping(cascada.Actor):\n"
+        "    async def ping(self): return __import__('cascada').actors.__file__\n"
+        "async def main():\n"
+        "    async with cascada.ActorSystem() as s:\n"
+        "        r = await s.spawn(Ping)\n"
+        "        print(await r.ask('ping'))\n"
+        "cascada.run(main())\n"
+    )
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "TMPDIR": tempfile.gettempdir()}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", env=env, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().startswith(str(target))
 
 
 def test_cli_version() -> None:

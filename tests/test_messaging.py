@@ -249,3 +249,9 @@ async def test_distinct_processes(system: cascada.ActorSystem, placement: str, s
     else:
         assert len({pa, pb, os.getpid()}) == 3
         assert (pa, pb) == (a.pid, b.pid)
+
+
+async def test_ref_with_an_unreachable_endpoint_is_a_typed_error(system: cascada.ActorSystem) -> None:
+    ghost = cascada.ActorRef("ghost", "bogus://nowhere", 1, "elsewhere")
+    with pytest.raises(cascada.ConfigurationError, match="cannot connect"):
+        await ghost.ask("x", timeout=1)

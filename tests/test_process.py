@@ -265,6 +265,12 @@ async def test_forged_ref_in_a_message_is_rejected() -> None:
             assert sock.poll(5000)
             reply = msgpack.unpackb(sock.recv(), strict_map_key=False)
             assert reply[1] == 5 and reply[7][0] == "protocol" and "actor ref" in reply[7][2]
+            evil = msgpack.ExtType(2, msgpack.packb(["x", "tcp://*:1", 1, "h", None]))
+            sock.send_multipart([msgpack.packb([1, 1, 10, "raw", "victim", "call_other", None,
+                                                [[evil, "echo_value", 1], None], None])])
+            assert sock.poll(5000)
+            reply = msgpack.unpackb(sock.recv(), strict_map_key=False)
+            assert reply[1] == 5 and reply[7][0] == "protocol" and "every interface" in reply[7][2]
         finally:
             sock.close(linger=0)
             ctx.term()

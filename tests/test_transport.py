@@ -120,3 +120,19 @@ def test_endpoint_validation() -> None:
         assert oct(os.stat(d.path).st_mode & 0o777) == "0o700"
     finally:
         d.remove()
+
+
+def test_long_tmpdir_falls_back_to_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    import tempfile
+
+    long_dir = tmp_path / ("d" * 100)
+    long_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long_dir))
+    d = IpcDirectory()
+    try:
+        assert d.path.startswith("/tmp/cascada-")
+        assert len(d.endpoint()) - len("ipc://") <= 107
+    finally:
+        d.remove()
+    with pytest.raises(ConfigurationError, match="too long"):
+        IpcDirectory(str(long_dir))

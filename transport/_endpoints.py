@@ -24,6 +24,8 @@ class IpcDirectory:
     _OVERHEAD = 18 + 8 + 4
 
     def __init__(self, base: str | None = None) -> None:
+        if base is None:
+            base = default_ipc_base()
         check_ipc_base(base)
         try:
             self.path = tempfile.mkdtemp(prefix="cascada-", dir=base)
@@ -45,9 +47,18 @@ class IpcDirectory:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def default_ipc_base() -> str:
+    """The system temp dir, or /tmp when that is too long for socket paths (a long TMPDIR is
+    common on macOS and in CI sandboxes)."""
+    base = tempfile.gettempdir()
+    if len(os.path.abspath(base)) + IpcDirectory._OVERHEAD > IPC_PATH_MAX and os.path.isdir("/tmp"):
+        return "/tmp"
+    return base
+
+
 def check_ipc_base(base: str | None) -> None:
     """Refuse, before anything is created, a base directory whose socket paths would be too long."""
-    resolved = os.path.abspath(base if base is not None else tempfile.gettempdir())
+    resolved = os.path.abspath(base if base is not None else default_ipc_base())
     longest = len(resolved) + IpcDirectory._OVERHEAD
     if longest > IPC_PATH_MAX:
         raise ConfigurationError(
