@@ -37,6 +37,7 @@ class ActorCell:
         self.instance = instance
         self.incarnation = incarnation
         self.handlers = handlers_of(type(instance))
+        self._bound = {name: getattr(instance, name) for name in self.handlers}
         self.capacity = node.config.mailbox_size
         self.mailbox: deque[Message] = deque()
         self.stats = CellStats()
@@ -51,6 +52,8 @@ class ActorCell:
         # that suspends finishes in `_current`, and the actor is busy until it does.
         self._parked = False
         self._current: asyncio.Task[None] | None = None
+        # Handlers share one context, eager or not, as they would in the cell's one task.
+        self._ctx = contextvars.copy_context()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -60,7 +63,8 @@ class ActorCell:
         self.running = True
         self._stopped = self.node.loop.create_future()
         self.node.cells[self.name] = self
-        self._task = self.node.tasks.spawn(self._run(), name=f"actor {self.name}")
+        self._task = self.node.tasks.spawn(self._run(), name=f"actor {self.name}",
+                                           context=self._ctx if _EAGER_CONTEXT else None)
 
     async def stop(self) -> None:
         """Stop taking messages, finish every message already accepted, run on_stop."""
@@ -200,26 +204,33 @@ class ActorCell:
             return False
         if msg.deadline is not None and msg.deadline <= time.time():
             return False
-        # The handler gets a context of its own, as it would in a task.
-        ctx = contextvars.copy_context()
+        # Busy while the handler runs: a message it causes (a tell to itself) must queue,
+        # not run nested inside it.
+        self._parked = False
         try:
-            result = ctx.run(self._first_step, msg, handler)
+            result = self._ctx.run(self._first_step, msg, handler)
         except Exception as exc:
             self._fail(msg, exc, "remote")
             return True
+        finally:
+            w = self._wakeup
+            if w is not None and not w.done():
+                self._parked = True
         if type(result) is _Suspended:
+            self._parked = False
             self._current = self.node.tasks.spawn(self._finish(msg, result), name=f"{self.name}.{msg.method}",
-                                                  context=ctx)
+                                                  context=self._ctx)
             return True
         self.stats.handled += 1
         if msg.reply is not None:
             pending = msg.reply.ok(result)
             if pending is not None:
+                self._parked = False
                 self._current = self.node.tasks.spawn(_wait_sent(pending), name=f"{self.name} reply")
         return True
 
     def _first_step(self, msg: Message, handler: Handler) -> Any:
-        fn = getattr(self.instance, handler.name)
+        fn = self._bound[handler.name]
         result = fn(*msg.args, **msg.kwargs) if msg.kwargs else fn(*msg.args)
         if handler.kind != "async":
             return result
@@ -243,9 +254,12 @@ class ActorCell:
         finally:
             if self._current is asyncio.current_task():
                 self._current = None
+                w = self._wakeup
+                if w is not None and not w.done():
+                    self._parked = True
 
     async def _call(self, msg: Message, handler: Handler) -> None:
-        fn = getattr(self.instance, handler.name)
+        fn = self._bound[handler.name]
         try:
             result = fn(*msg.args, **msg.kwargs) if msg.kwargs else fn(*msg.args)
             if handler.kind == "async":

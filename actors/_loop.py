@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -10,6 +12,10 @@ T = TypeVar("T")
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where installed; ``CASCADA_LOOP=asyncio`` forces the standard loop (for
+    debugging, and for comparing the two)."""
+    if os.environ.get("CASCADA_LOOP") == "asyncio":
+        return asyncio.new_event_loop()
     try:
         import uvloop
     except ImportError:
@@ -18,23 +24,17 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Like ``asyncio.run``, on uvloop where it is installed."""
-    loop = new_event_loop()
-    try:
-        asyncio.set_event_loop(loop)
-        return loop.run_until_complete(coro)
-    finally:
-        try:
-            _cancel_all(loop)
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        finally:
-            asyncio.set_event_loop(None)
-            loop.close()
+    """Like ``asyncio.run``, on uvloop where it is installed.
 
+    Ctrl-C cancels the main task only, which then leaves its ``async with ActorSystem``
+    normally (actors are stopped in order); the runtime's own tasks are cancelled after."""
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            return runner.run(coro)
+    try:  # pragma: no cover - Python 3.10
+        import uvloop
 
-def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
-    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
-    for t in tasks:
-        t.cancel()
-    if tasks:
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    return asyncio.run(coro)

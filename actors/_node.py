@@ -241,7 +241,7 @@ class Node:
         self.stats.received += 1
         identity = frames[0]
         try:
-            env = self.codec.decode(frames[1:])
+            env = self.codec.decode(frames, 1)
         except ProtocolError as exc:
             self._reject(identity, frames, exc)
             return

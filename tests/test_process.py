@@ -274,3 +274,22 @@ async def test_forged_ref_in_a_message_is_rejected() -> None:
         finally:
             sock.close(linger=0)
             ctx.term()
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+async def test_no_lost_wakeups_under_pushback(loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: a drain that read EVENTS without acting on it lost zmq's edge-triggered
+    wake-up, and a flooded actor with tiny queues stalled until other traffic woke it."""
+    if loop == "asyncio":
+        monkeypatch.setenv("CASCADA_LOOP", "asyncio")  # the actor processes' loop
+    for _ in range(8):
+        async with cascada.ActorSystem(mailbox_size=4, hwm=4) as system:
+            ref = await system.spawn(Recorder)
+
+            async def flood() -> list[int]:
+                for i in range(200):
+                    await ref.tell("nap", 0.0005, i)
+                result: list[int] = await ref.ask("history")
+                return result
+
+            assert await asyncio.wait_for(flood(), 10) == list(range(200))

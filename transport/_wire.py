@@ -133,10 +133,6 @@ class Limits:
         self.max_frame_bytes = max_frame_bytes
 
 
-def _is_str_or_none(v: object) -> bool:
-    return v is None or type(v) is str
-
-
 class Codec:
     """Encodes and decodes envelopes. One per node; not re-entrant across threads."""
 
@@ -266,19 +262,21 @@ class Codec:
             raise ProtocolError("tuple ext does not hold an array")
         return tuple(value)
 
-    def decode(self, frames: Sequence[Any]) -> Envelope:
-        """Decode and validate one message; anything wrong raises ProtocolError."""
+    def decode(self, frames: Sequence[Any], start: int = 0) -> Envelope:
+        """Decode and validate one message whose header is ``frames[start]``; anything wrong
+        raises ProtocolError."""
         limits = self.limits
-        if not frames:
+        count = len(frames) - start
+        if count <= 0:
             raise ProtocolError("empty message")
-        if len(frames) > limits.max_frames:
-            raise ProtocolError(f"{len(frames)} frames, over the limit of {limits.max_frames}")
-        head = frames[0]
+        if count > limits.max_frames:
+            raise ProtocolError(f"{count} frames, over the limit of {limits.max_frames}")
+        head = frames[start]
         if len(head) > limits.max_header_bytes:
             raise ProtocolError(
                 f"header frame of {len(head)} bytes, over the limit of {limits.max_header_bytes}"
             )
-        self._frames = frames
+        self._frames = frames[start + 1 :] if count > 1 else ()
         try:
             h = self._unpack(head)
         except ProtocolError:
@@ -291,23 +289,28 @@ class Codec:
         return _validate(h)
 
 
+_STR_OR_NONE = (str, type(None))
+_NUMBER_OR_NONE = (float, int, type(None))
+
+
 def _validate(h: Any) -> Envelope:
+    # Exact type checks throughout (``type(x) in (...)``): bool is an int subclass and
+    # must not pass for one, and isinstance would let subclasses in.
     if type(h) is not list or len(h) < 9:
         raise ProtocolError("header is not an array of at least 9 fields")
     version, kind, corr, sender, target, method, deadline, body, opts = h[:9]
     incarnation = h[9] if len(h) > 9 else None
-    if version != VERSION or type(version) is not int:
+    if type(version) is not int or version != VERSION:
         raise ProtocolError(f"wire version {version!r} is not supported (this side speaks {VERSION})")
     k = _KIND_BY_VALUE.get(kind) if type(kind) is int else None
     if k is None:
         raise ProtocolError(f"unknown message kind {kind!r}")
     if type(corr) is not int or corr < 0:
         raise ProtocolError("correlation id is not a non-negative int")
-    if not (_is_str_or_none(sender) and _is_str_or_none(target) and _is_str_or_none(method)):
-        raise ProtocolError("sender, target and method must be strings or nil")
-    if not _is_str_or_none(incarnation):
-        raise ProtocolError("incarnation must be a string or nil")
-    if deadline is not None and type(deadline) not in (float, int):
+    if (type(sender) not in _STR_OR_NONE or type(target) not in _STR_OR_NONE
+            or type(method) not in _STR_OR_NONE or type(incarnation) not in _STR_OR_NONE):
+        raise ProtocolError("sender, target, method and incarnation must be strings or nil")
+    if type(deadline) not in _NUMBER_OR_NONE:
         raise ProtocolError("deadline must be a number or nil")
     if opts is not None and type(opts) is not int:
         raise ProtocolError("opts must be an int or nil")
@@ -328,11 +331,11 @@ def _validate(h: Any) -> Envelope:
             or len(body) != 5
             or type(body[0]) is not str
             or body[0] not in ERROR_CODES
-            or not all(_is_str_or_none(x) for x in body[1:4])
+            or not all(type(x) in _STR_OR_NONE for x in body[1:4])
             or not (body[4] is None or type(body[4]) is dict)
         ):
             raise ProtocolError("error body is not [code, type, message, traceback, details]")
-    elif k in (Kind.CREDIT,):
+    elif k is Kind.CREDIT:
         if opts is None or opts <= 0:
             raise ProtocolError("credit without a positive amount")
     return Envelope(k, corr, sender, target, method, deadline, body, opts, incarnation)
