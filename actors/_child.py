@@ -42,7 +42,7 @@ async def _serve(header: dict[str, Any], blob: bytes) -> int:
             exit_now.set_result(None)
 
     async def stats(env: Any) -> dict[str, Any]:
-        return {"node": node.stats.to_dict(), "pid": os.getpid(),
+        return {"node": node.stats_snapshot(), "pid": os.getpid(),
                 "actors": [c.snapshot() for c in node.cells.values()]}
 
     node.control.update({"stop": stop, "exit": exit_, "stats": stats})

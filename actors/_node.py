@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import deque
 import math
 import os
 import time
@@ -154,6 +155,9 @@ class Node:
         self.log = RateLimitedLog()
         self.closed = False
         self.full_cells: set[str] = set()
+        # Messages received after a mailbox filled part way through a batch frame; they are
+        # delivered, in order, before the ROUTER is read again. At most one batch long.
+        self.backlog: deque[tuple[bytes, Envelope]] = deque()
         self._ctx: zmq.Context[Any] | None = None
         self._router: AsyncSocket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -177,7 +181,7 @@ class Node:
         path = ipc_path(self.endpoint)
         if path is not None:
             os.chmod(path, 0o600)
-        self._router = AsyncSocket(sock, self._on_inbound, self._loop)
+        self._router = AsyncSocket(sock, self._on_inbound, self._loop, router=True)
 
     @property
     def context(self) -> zmq.Context[Any]:
@@ -203,6 +207,13 @@ class Node:
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+
+    def stats_snapshot(self) -> dict[str, int]:
+        stats = self.stats.to_dict()
+        if self._router is not None:
+            stats["unroutable_replies"] += self._router.unroutable
+        stats["backlog"] = len(self.backlog)
+        return stats
 
     def deadline(self, timeout: float | None) -> float | None:
         """Absolute deadline (wall clock, which is what travels) for a relative timeout."""
@@ -238,18 +249,31 @@ class Node:
     # -- inbound: requests and control -----------------------------------------------------
 
     def _on_inbound(self, frames: list[bytes]) -> None:
-        self.stats.received += 1
         identity = frames[0]
         try:
-            env = self.codec.decode(frames, 1)
+            envs, err = self.codec.decode_all(frames, 1)
         except ProtocolError as exc:
             self._reject(identity, frames, exc)
             return
+        self.stats.received += len(envs)
+        if self.backlog:
+            self.backlog.extend((identity, env) for env in envs)
+        else:
+            for i, env in enumerate(envs):
+                if self._dispatch(identity, env):
+                    # A mailbox filled part way through a batch: the rest waits, in order.
+                    self.backlog.extend((identity, e) for e in envs[i + 1 :])
+                    break
+        if err is not None:
+            self._reject(identity, frames, err)
+
+    def _dispatch(self, identity: bytes, env: Envelope) -> bool:
+        """Handle one inbound message; True when a mailbox is now full (reading paused)."""
         kind = env.kind
         if kind is Kind.ASK or kind is Kind.TELL or kind is Kind.STREAM:
             if env.target is None:
                 self._on_control(identity, env)
-                return
+                return False
             cell = self.cells.get(env.target)
             if cell is None:
                 if kind is not Kind.TELL:
@@ -258,7 +282,7 @@ class Node:
                 else:
                     self.stats.tell_failures += 1
                     self.log.warning("no-actor", "tell to unknown actor %r on node %s dropped", env.target, self.id)
-                return
+                return False
             args, kwargs = env.body
             credit = None
             if kind is Kind.STREAM:
@@ -269,6 +293,7 @@ class Node:
                 self.full_cells.add(cell.name)
                 assert self._router is not None
                 self._router.pause_reading()
+                return True
         elif kind is Kind.CREDIT:
             credit = self.streams.get((identity, env.corr))
             if credit is not None:
@@ -278,11 +303,18 @@ class Node:
             if credit is not None:
                 credit.cancel()
         else:
-            self._reject(identity, frames, ProtocolError(f"{kind.name} sent to a ROUTER; only requests go there"))
+            self.stats.rejected_frames += 1
+            self.log.warning("protocol", "node %s got a %s on its ROUTER; only requests go there", self.id, kind.name)
+        return False
 
     def mailbox_has_room(self, cell_name: str) -> None:
-        """Called by a cell when its mailbox drops below capacity: resume reading."""
+        """Called by a cell when its mailbox drops below capacity: deliver what waited in
+        the backlog, then resume reading."""
         self.full_cells.discard(cell_name)
+        backlog = self.backlog
+        while backlog and not self.full_cells:
+            identity, env = backlog.popleft()
+            self._dispatch(identity, env)
         if not self.full_cells and self._router is not None:
             self._router.resume_reading()
 
@@ -466,11 +498,17 @@ class Peer:
     def _on_reply(self, frames: list[bytes]) -> None:
         node = self.node
         try:
-            env = node.codec.decode(frames)
+            envs, err = node.codec.decode_all(frames)
         except ProtocolError as exc:
+            envs, err = [], exc
+        for env in envs:
+            self._on_reply_env(env)
+        if err is not None:
             node.stats.rejected_frames += 1
-            node.log.warning("protocol-reply", "node %s rejected a reply from %s: %s", node.id, self.endpoint, exc)
-            return
+            node.log.warning("protocol-reply", "node %s rejected a reply from %s: %s", node.id, self.endpoint, err)
+
+    def _on_reply_env(self, env: Envelope) -> None:
+        node = self.node
         kind = env.kind
         if kind is Kind.REPLY:
             entry = self.calls.pop(env.corr, None)

@@ -386,7 +386,7 @@ class ActorSystem:
             cell = node.cells.get(ref.name)
             if cell is None:
                 raise ActorNotFound(f"no actor named {ref.name!r} on this node")
-            return {"node": node.stats.to_dict(), "pid": node.pid, "actors": [cell.snapshot()]}
+            return {"node": node.stats_snapshot(), "pid": node.pid, "actors": [cell.snapshot()]}
         result: dict[str, Any] = await node.call(node.peer(ref.endpoint, ref.pid, ref.host), None, "stats", [],
                                                  timeout=timeout)
         return result

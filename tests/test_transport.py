@@ -35,8 +35,8 @@ async def pair(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, ...]]
     configure(dealer, hwm=50, max_frame_bytes=1 << 20)
     dealer.connect(endpoint)
     replies: list[list[bytes]] = []
-    r = AsyncSocket(router, on_router, loop)
-    d = AsyncSocket(dealer, replies.append, loop)
+    r = AsyncSocket(router, on_router, loop, router=True, batching=False)
+    d = AsyncSocket(dealer, replies.append, loop, batching=False)
     try:
         yield r, d, inbox, arrived, replies
     finally:
@@ -136,3 +136,60 @@ def test_long_tmpdir_falls_back_to_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path
         d.remove()
     with pytest.raises(ConfigurationError, match="too long"):
         IpcDirectory(str(long_dir))
+
+
+async def test_batching_coalesces_a_tick_and_keeps_order() -> None:
+    """Messages sent in one loop tick travel as few frames; decode_all restores each, in order."""
+    from cascada.transport import Codec, Kind
+
+    loop = asyncio.get_running_loop()
+    ctx = zmq.Context()
+    codec = Codec()
+    got: list[int] = []
+    frames_seen = 0
+
+    def on_router(frames: list[bytes]) -> None:
+        nonlocal frames_seen
+        frames_seen += 1
+        envs, err = codec.decode_all(frames, 1)
+        assert err is None
+        got.extend(env.body[0][0] for env in envs)
+
+    router = ctx.socket(zmq.ROUTER)
+    configure(router, hwm=1000, max_frame_bytes=1 << 20, router=True)
+    router.bind("inproc://batch")
+    dealer = ctx.socket(zmq.DEALER)
+    configure(dealer, hwm=1000, max_frame_bytes=1 << 20)
+    dealer.connect("inproc://batch")
+    r = AsyncSocket(router, on_router, loop, router=True)
+    d = AsyncSocket(dealer, lambda f: None, loop)
+    try:
+        for i in range(1000):  # one tick: no await in between
+            pending = d.send(codec.encode(Kind.TELL, i, "s", "t", "m", None, [[i], None]))
+            assert pending is None
+        big = codec.encode(Kind.TELL, 1000, "s", "t", "m", None, [[1000], None]) + [b"x" * 100_000]
+        await (d.send(big) or asyncio.sleep(0))  # a multi-frame message flushes the batch first
+        try:
+            await wait_for(lambda: len(got) == 1001)
+        except asyncio.TimeoutError as exc:
+            raise AssertionError(f"got {len(got)} in {frames_seen} frames: {got[:5]}...{got[-5:]}") from exc
+        assert got == list(range(1001))
+        assert frames_seen < 100
+    finally:
+        r.close()
+        d.close()
+        ctx.term()
+
+
+def test_a_bad_message_inside_a_batch_keeps_the_good_ones_before_it() -> None:
+    from cascada.transport import Codec, Kind, ProtocolError
+    from cascada.transport._wire import BATCH_MARKER
+
+    codec = Codec()
+    good = [codec.encode(Kind.TELL, i, "s", "t", "m", None, [[i], None])[0] for i in range(3)]
+    envs, err = codec.decode_all([BATCH_MARKER + good[0] + good[1] + b"\xc1garbage" + good[2]])
+    assert [e.corr for e in envs] == [0, 1] and isinstance(err, ProtocolError)
+    with pytest.raises(ProtocolError, match="out-of-band"):
+        codec.decode_all([BATCH_MARKER + good[0], b"extra"])
+    with pytest.raises(ProtocolError, match="empty batch"):
+        codec.decode_all([BATCH_MARKER])

@@ -21,6 +21,7 @@ from typing import Any
 import zmq
 
 from ._errors import TransportClosed
+from ._wire import BATCH_MARKER
 
 # Fairness: after this many messages in one wake-up, yield to the loop and continue later.
 _DRAIN_BUDGET = 512
@@ -31,6 +32,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
 _ZEROCOPY_MIN = 64 * 1024
+_BATCH_MAX = 64  # messages per batch frame
 
 
 class Unroutable(Exception):
@@ -68,6 +70,9 @@ class AsyncSocket:
         sock: zmq.Socket[Any],
         on_message: Callable[[list[bytes]], None],
         loop: asyncio.AbstractEventLoop,
+        *,
+        router: bool = False,
+        batching: bool = True,
     ) -> None:
         self.sock = sock
         self._on_message = on_message
@@ -82,6 +87,12 @@ class AsyncSocket:
         self.closed = False
         self._get = sock.getsockopt
         self._send_one = sock.send
+        # Batching: the first message of a loop tick goes at once; single-frame messages to
+        # the same peer sent later in that tick are coalesced into one frame (see _wire).
+        self._router = router
+        self._batching = batching
+        self._batches: dict[bytes | None, list[bytes]] = {}
+        self.unroutable = 0  # batched messages dropped because their peer was gone
         loop.add_reader(self._fd, self._on_ready)
         # Messages may already be waiting (the edge fired before we watched the FD).
         self._schedule_drain()
@@ -100,6 +111,8 @@ class AsyncSocket:
         get = self._get
         self._in_drain = True
         try:
+            if self._batches:
+                self._flush_batches()
             events = get(_EVENTS)
             if self._pending and events & _POLLOUT:
                 self._flush()
@@ -146,6 +159,10 @@ class AsyncSocket:
             raise
         finally:
             self._in_drain = False
+            if self._batches and not self.closed:
+                # Replies batched while draining; their sends are looked after by a drain.
+                self._flush_batches()
+                self._schedule_drain()
 
     def _recv_multipart(self, flags: int) -> list[bytes]:
         # pyzmq's recv_multipart converts each option to an enum on every call; plain ints
@@ -174,18 +191,54 @@ class AsyncSocket:
     # -- sending -------------------------------------------------------------------------
 
     def send(self, frames: list[Any]) -> asyncio.Future[None] | None:
-        """Send without blocking. Returns None when the message was taken by zmq, or a future
-        that resolves once it has been (the socket was at its high-water mark)."""
+        """Send without blocking. Returns None when the message was taken (by zmq, or into
+        this tick's batch), or a future that resolves once zmq takes it (the socket is at its
+        high-water mark: await it, that is the backpressure)."""
         if self.closed:
             raise TransportClosed("send on a closed socket")
+        if not self._batching:
+            return self._send_now(frames)
+        router = self._router
+        single = len(frames) == (2 if router else 1)
+        key = frames[0] if router else None
+        batch = self._batches.get(key)
+        if batch is not None:
+            if single and frames[-1][:1] != BATCH_MARKER:
+                batch.append(frames[-1])
+                if len(batch) >= _BATCH_MAX:
+                    return self._flush_batch(key)
+                return None
+            self._flush_batch(key, want_future=False)  # keep the order: the batch goes first
+            return self._send_now(frames)
+        pending = self._send_now(frames)
+        if pending is None and single:
+            self._batches[key] = []
+        return pending
+
+    def _flush_batch(self, key: bytes | None, want_future: bool = True) -> asyncio.Future[None] | None:
+        batch = self._batches.pop(key, None)
+        if not batch:
+            return None
+        payload = batch[0] if len(batch) == 1 else BATCH_MARKER + b"".join(batch)
+        try:
+            return self._send_now([key, payload] if self._router else [payload], want_future)
+        except Unroutable:
+            self.unroutable += len(batch)  # the peer is gone; its caller already failed these
+            return None
+
+    def _flush_batches(self) -> None:
+        for key in list(self._batches):
+            self._flush_batch(key, want_future=False)
+
+    def _send_now(self, frames: list[Any], want_future: bool = True) -> asyncio.Future[None] | None:
         if self._pending:
-            fut = self._loop.create_future()
+            fut = self._loop.create_future() if want_future else None
             self._pending.append((frames, fut))
             return fut
         try:
             self._write(frames)
         except zmq.Again:
-            fut = self._loop.create_future()
+            fut = self._loop.create_future() if want_future else None
             self._pending.append((frames, fut))
             self._schedule_drain()
             return fut
@@ -196,7 +249,7 @@ class AsyncSocket:
         # A send can swallow the edge that announced input, so EVENTS must be looked at
         # again before the loop sleeps. One look per loop iteration covers every send made
         # in it (a syscall per send would halve tell throughput); a drain of this very
-        # socket in progress looks anyway.
+        # socket in progress looks anyway. That same drain flushes this tick's batches.
         if not self._in_drain:
             self._schedule_drain()
         return None
@@ -247,6 +300,7 @@ class AsyncSocket:
             self._loop.remove_reader(self._fd)
         except (ValueError, OSError, RuntimeError):
             pass  # the loop is already closed; the FD goes with the socket below
+        self._batches.clear()
         while self._pending:
             _, fut = self._pending.popleft()
             if fut is not None and not fut.done():

@@ -14,6 +14,11 @@ Frame 0 is a msgpack array, positional for speed::
 - ``opts`` is a small int (the credit window of a stream, the credit granted).
 - ``incarnation`` names the incarnation of the actor a reply comes from.
 
+A frame may also be a **batch**: the byte 0xC1 (which msgpack never uses, so a decoder that
+predates batches rejects it loudly) followed by several headers back to back. Senders batch
+the single-frame messages they send to one peer within one event-loop tick; a batch carries
+no out-of-band frames.
+
 Schema evolution follows msgspec's rule: new fields are appended with defaults, and a
 receiver ignores fields past the ones it knows, so mixed versions talk.
 
@@ -54,6 +59,9 @@ _KIND_BY_VALUE = {int(k): k for k in Kind}
 # Nested ext values recurse through msgpack's C code, where Python's recursion limit does
 # not guard the C stack: without a bound, a few KB of nested tuples would crash the process.
 MAX_EXT_DEPTH = 64
+
+BATCH_MARKER = b"\xc1"
+MAX_BATCH_DECODE = 4096  # messages in one batch frame a receiver accepts
 
 # Ext codes. 1-15 belong to cascada; nothing else is accepted.
 EXT_TUPLE = 1
@@ -287,6 +295,41 @@ class Codec:
             self._frames = ()
             self._depth = 0
         return _validate(h)
+
+
+    def decode_all(self, frames: Sequence[Any], start: int = 0) -> tuple[list[Envelope], ProtocolError | None]:
+        """Every message in ``frames[start:]``: one, or several when the header is a batch.
+        Returns the messages decoded and, if the batch went bad part way, the error that
+        ended it (the messages before it are good and are still delivered)."""
+        head = frames[start] if len(frames) > start else b""
+        if head[:1] != BATCH_MARKER:
+            return [self.decode(frames, start)], None
+        if len(frames) - start != 1:
+            raise ProtocolError("a batch frame carries no out-of-band frames")
+        n = len(head)
+        if n > self.limits.max_header_bytes:
+            raise ProtocolError(f"batch frame of {n} bytes, over the limit of {self.limits.max_header_bytes}")
+        unpacker = msgpack.Unpacker(
+            ext_hook=self._ext_hook, strict_map_key=False, use_list=True, raw=False,
+            max_buffer_size=n, max_str_len=n, max_bin_len=n, max_array_len=n, max_map_len=n // 2, max_ext_len=n,
+        )
+        unpacker.feed(memoryview(head)[1:])
+        out: list[Envelope] = []
+        self._frames = ()
+        try:
+            for h in unpacker:
+                out.append(_validate(h))
+                if len(out) > MAX_BATCH_DECODE:
+                    raise ProtocolError(f"batch of more than {MAX_BATCH_DECODE} messages")
+        except ProtocolError as exc:
+            return out, exc
+        except Exception as exc:  # msgpack's own errors, as in decode
+            return out, ProtocolError(f"undecodable message in a batch: {type(exc).__name__}: {exc}")
+        finally:
+            self._depth = 0
+        if not out:
+            raise ProtocolError("empty batch")
+        return out, None
 
 
 _STR_OR_NONE = (str, type(None))
