@@ -232,17 +232,20 @@ async def test_hostile_frames_leave_the_actor_serving() -> None:
             # A well-formed request on the same connection is still answered.
             good = msgpack.packb([1, 1, 77, "raw", "victim", "echo_value", None, [["fine"], None], None])
             sock.send_multipart([good])
-            replies = []
+            codec = cascada.transport.Codec()
+            replies: list[Any] = []
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 if sock.poll(100):
-                    replies.append(msgpack.unpackb(sock.recv(), strict_map_key=False))
-                    if replies[-1][2] == 77:
+                    envs, err = codec.decode_all([sock.recv()])  # replies may come batched
+                    assert err is None
+                    replies.extend(envs)
+                    if replies[-1].corr == 77:
                         break
-            assert replies and replies[-1][1] == 4 and replies[-1][7] == "fine"
+            assert replies and replies[-1].kind == cascada.transport.Kind.REPLY and replies[-1].body == "fine"
             # Salvageable requests got a typed protocol error back.
-            errors = [r for r in replies if r[1] == 5]
-            assert errors and all(r[7][0] == "protocol" for r in errors)
+            errors = [r for r in replies if r.kind == cascada.transport.Kind.ERROR]
+            assert errors and all(r.body[0] == "protocol" for r in errors)
         finally:
             sock.close(linger=0)
             ctx.term()
@@ -250,6 +253,12 @@ async def test_hostile_frames_leave_the_actor_serving() -> None:
         assert stats["node"]["rejected_frames"] >= len(HOSTILE)
         assert stats["pid"] == pid_before
         assert await ref.ask("echo_value", "alive") == "alive"
+
+
+def _one_reply(sock: Any) -> list[Any]:
+    (env,), err = cascada.transport.Codec().decode_all([sock.recv()])
+    assert err is None
+    return [1, int(env.kind), env.corr, None, None, None, None, env.body]
 
 
 async def test_forged_ref_in_a_message_is_rejected() -> None:
@@ -263,13 +272,13 @@ async def test_forged_ref_in_a_message_is_rejected() -> None:
             bad_ref = msgpack.ExtType(2, msgpack.packb(["x", 1, "not-an-int", "h", None]))
             sock.send_multipart([msgpack.packb([1, 1, 9, "raw", "victim", "echo_value", None, [[bad_ref], None], None])])
             assert sock.poll(5000)
-            reply = msgpack.unpackb(sock.recv(), strict_map_key=False)
+            reply = _one_reply(sock)
             assert reply[1] == 5 and reply[7][0] == "protocol" and "actor ref" in reply[7][2]
             evil = msgpack.ExtType(2, msgpack.packb(["x", "tcp://*:1", 1, "h", None]))
             sock.send_multipart([msgpack.packb([1, 1, 10, "raw", "victim", "call_other", None,
                                                 [[evil, "echo_value", 1], None], None])])
             assert sock.poll(5000)
-            reply = msgpack.unpackb(sock.recv(), strict_map_key=False)
+            reply = _one_reply(sock)
             assert reply[1] == 5 and reply[7][0] == "protocol" and "every interface" in reply[7][2]
         finally:
             sock.close(linger=0)
