@@ -368,9 +368,21 @@ async def cascada_pipelined(ref: cascada.ActorRef, total: int, in_flight: int) -
     return batches * in_flight / seconds
 
 
+async def interleave(label: str, rounds: int,
+                     steps: list[tuple[str, Callable[[], Awaitable[float]]]]) -> dict[str, list[float]]:
+    """Run each measurement once per round, rotating their order, so that drift in the
+    machine's load hits cascada and its floor alike; returns every rate by name."""
+    rates: dict[str, list[float]] = {key: [] for key, _ in steps}
+    for rnd in range(rounds):
+        for key, fn in rotated(steps, rnd):
+            rates[key].append(await fn())
+        log(f"{label} round {rnd + 1}/{rounds}: "
+            + ", ".join(f"{key} {rates[key][-1]:.0f}/s" for key, _ in steps))
+    return rates
+
+
 async def bench_pipelined(system: cascada.ActorSystem, sz: Sizes) -> dict[str, float]:
     ref = await system.spawn(Echo, name="echo-pipelined", placement="process")
-    rates: dict[str, list[float]] = {"cascada": [], "lean": []}
 
     async def run_cascada() -> float:
         return await cascada_pipelined(ref, sz.pipe_total, sz.in_flight)
@@ -379,12 +391,7 @@ async def bench_pipelined(system: cascada.ActorSystem, sz: Sizes) -> dict[str, f
         res = await in_thread(_floors.lean_pipelined, sz.pipe_total, sz.in_flight, "unpinned", 1)
         return float(res["calls_per_s"])
 
-    steps = [("cascada", run_cascada), ("lean", run_lean)]
-    for rnd in range(sz.pipe_rounds):
-        for key, fn in rotated(steps, rnd):
-            rates[key].append(await fn())
-        log(f"pipelined round {rnd + 1}/{sz.pipe_rounds}: cascada {rates['cascada'][-1]:.0f}/s, "
-            f"lean floor {rates['lean'][-1]:.0f}/s")
+    rates = await interleave("pipelined", sz.pipe_rounds, [("cascada", run_cascada), ("lean", run_lean)])
     await system.stop(ref)
     value = statistics.median(rates["cascada"])
     floor = statistics.median(rates["lean"])
@@ -412,7 +419,6 @@ async def cascada_tell(ref: cascada.ActorRef, n: int) -> float:
 
 async def bench_tell(system: cascada.ActorSystem, sz: Sizes) -> None:
     ref = await system.spawn(Echo, name="echo-tell", placement="process")
-    rates: dict[str, list[float]] = {"cascada": [], "pushpull": []}
 
     async def run_cascada() -> float:
         return await cascada_tell(ref, sz.tell_n)
@@ -421,12 +427,7 @@ async def bench_tell(system: cascada.ActorSystem, sz: Sizes) -> None:
         res = await in_thread(_floors.pushpull_msgpack, sz.tell_n, "unpinned", 1)
         return float(res["msgs_per_s"])
 
-    steps = [("cascada", run_cascada), ("pushpull", run_floor)]
-    for rnd in range(sz.tell_rounds):
-        for key, fn in rotated(steps, rnd):
-            rates[key].append(await fn())
-        log(f"tell round {rnd + 1}/{sz.tell_rounds}: cascada {rates['cascada'][-1]:.0f}/s, "
-            f"pushpull floor {rates['pushpull'][-1]:.0f}/s")
+    rates = await interleave("tell", sz.tell_rounds, [("cascada", run_cascada), ("pushpull", run_floor)])
     await system.stop(ref)
     value = statistics.median(rates["cascada"])
     floor = statistics.median(rates["pushpull"])
@@ -614,20 +615,28 @@ def leftover_processes(actor_pids: list[int]) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
-async def run_all(sz: Sizes, actor_pids: list[int]) -> dict[str, Any]:
+FIGURES = ("rtt", "pipelined", "tell", "spawn", "idle")
+
+
+async def run_all(sz: Sizes, actor_pids: list[int], only: frozenset[str] = frozenset(FIGURES)) -> dict[str, Any]:
     floors: dict[str, Any] = {}
     async with cascada.ActorSystem() as system:
-        log("ask round trip: cascada vs lean and REQ/REP floors, interleaved rounds")
-        floors["rtt"] = await bench_rtt(system, sz)
-        log("pipelined: 1000 asks in flight (unpinned only)")
-        floors["pipelined"] = await bench_pipelined(system, sz)
-        log("tell throughput (unpinned only)")
-        await bench_tell(system, sz)
+        if "rtt" in only:
+            log("ask round trip: cascada vs lean and REQ/REP floors, interleaved rounds")
+            floors["rtt"] = await bench_rtt(system, sz)
+        if "pipelined" in only:
+            log("pipelined: 1000 asks in flight (unpinned only)")
+            floors["pipelined"] = await bench_pipelined(system, sz)
+        if "tell" in only:
+            log("tell throughput (unpinned only)")
+            await bench_tell(system, sz)
     unpin_driver()
-    log("spawn: 8 torch actors vs 8 plain spawn+import torch")
-    await bench_spawn(sz, actor_pids)
-    log(f"idle CPU: {sz.idle_actors} process actors over {sz.idle_seconds:.0f} s")
-    await bench_idle(sz, actor_pids)
+    if "spawn" in only:
+        log("spawn: 8 torch actors vs 8 plain spawn+import torch")
+        await bench_spawn(sz, actor_pids)
+    if "idle" in only:
+        log(f"idle CPU: {sz.idle_actors} process actors over {sz.idle_seconds:.0f} s")
+        await bench_idle(sz, actor_pids)
     return floors
 
 
@@ -635,7 +644,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check under ~60 s")
     parser.add_argument("--json", metavar="PATH", help="also write every record as one JSON list")
+    parser.add_argument("--only", metavar="LIST", default=",".join(FIGURES),
+                        help=f"comma-separated figures to measure, of {', '.join(FIGURES)} (default: all)")
     args = parser.parse_args()
+    only = frozenset(x.strip() for x in args.only.split(",") if x.strip())
+    if not only or not only <= set(FIGURES):
+        parser.error(f"--only takes figures from {', '.join(FIGURES)}")
     sz = Sizes(args.quick)
     # torch warns "Failed to initialize NumPy" on import when numpy is absent; keep that out
     # of the output of the forkserver and the floors' children (a user setting wins).
@@ -658,7 +672,7 @@ def main() -> int:
     actor_pids: list[int] = []
     t_start = time.perf_counter()
     try:
-        floors = cascada.run(run_all(sz, actor_pids))
+        floors = cascada.run(run_all(sz, actor_pids, only))
     finally:
         unpin_driver()
         tempfile.tempdir = previous_tempdir

@@ -159,10 +159,14 @@ class AsyncSocket:
             raise
         finally:
             self._in_drain = False
-            if self._batches and not self.closed:
-                # Replies batched while draining; their sends are looked after by a drain.
-                self._flush_batches()
-                self._schedule_drain()
+            if self._batches:
+                if any(self._batches.values()) and not self.closed:
+                    # Replies batched while draining: send them, and look at EVENTS again
+                    # afterwards, since those sends may consume the next input's edge.
+                    self._flush_batches()
+                    self._schedule_drain()
+                else:
+                    self._batches.clear()
 
     def _recv_multipart(self, flags: int) -> list[bytes]:
         # pyzmq's recv_multipart converts each option to an enum on every call; plain ints
