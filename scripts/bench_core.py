@@ -632,8 +632,14 @@ async def run_all(sz: Sizes, actor_pids: list[int], only: frozenset[str] = froze
             await bench_tell(system, sz)
     unpin_driver()
     if "spawn" in only:
-        log("spawn: 8 torch actors vs 8 plain spawn+import torch")
-        await bench_spawn(sz, actor_pids)
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            print("spawn: torch is not installed, skipped (.venv/bin/pip install -e '.[torch]'; "
+                  "on the project's machines .venv/bin/pip install torch==2.13.0 takes the local CPU build)")
+        else:
+            log("spawn: 8 torch actors vs 8 plain spawn+import torch")
+            await bench_spawn(sz, actor_pids)
     if "idle" in only:
         log(f"idle CPU: {sz.idle_actors} process actors over {sz.idle_seconds:.0f} s")
         await bench_idle(sz, actor_pids)
