@@ -13,7 +13,7 @@ MAX_FRAME = 1 << 30
 
 
 def pack(obj: Any) -> bytes:
-    body = msgpack.packb(obj, use_bin_type=True)
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
     return _LEN.pack(len(body)) + body
 
 

@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgpack
 import zmq
@@ -289,7 +289,8 @@ class Node:
                 credit = StreamCredit(env.opts or self.config.stream_window)
                 self.streams[(identity, env.corr)] = credit
             reply = None if kind is Kind.TELL else RemoteReply(self, identity, env.corr)
-            if cell.deliver(Message(kind, env.method, args, kwargs, env.deadline, reply, credit)):
+            method = cast(str, env.method)  # the codec refuses requests without one
+            if cell.deliver(Message(kind, method, args, kwargs, env.deadline, reply, credit)):
                 self.full_cells.add(cell.name)
                 assert self._router is not None
                 self._router.pause_reading()

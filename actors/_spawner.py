@@ -53,7 +53,8 @@ def pickle_spec(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> byt
     if by_value:
         cloudpickle.register_pickle_by_value(module)
     try:
-        return cloudpickle.dumps((cls, args, kwargs))
+        data: bytes = cloudpickle.dumps((cls, args, kwargs))
+        return data
     except Exception as exc:
         raise SerializationError(
             f"cannot send the class or constructor arguments of {cls.__qualname__} to its process: {exc}"

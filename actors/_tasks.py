@@ -35,7 +35,7 @@ class TaskSet:
             raise RuntimeError(f"task set {self._name} is closed")
         loop = asyncio.get_running_loop()
         if context is not None:
-            task = loop.create_task(coro, name=name, context=context)  # type: ignore[call-arg]
+            task = loop.create_task(coro, name=name, context=context)
         else:
             task = loop.create_task(coro, name=name)
         self._tasks.add(task)

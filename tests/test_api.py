@@ -93,3 +93,18 @@ def test_cli_version() -> None:
     out = subprocess.run([str(pathlib.Path(sys.executable).parent / "cascada"), "version"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == cascada.__version__
+
+
+@pytest.mark.slow
+def test_the_package_type_checks_strictly(tmp_path: pathlib.Path) -> None:
+    """py.typed is a promise: mypy --strict over the package as it is installed."""
+    import shutil
+
+    pkg = tmp_path / "cascada"
+    shutil.copytree(REPO / "cascada", pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    for sub in ("actors", "transport", "stages", "cudakernels"):
+        shutil.copytree(REPO / sub, pkg / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--ignore-missing-imports",
+                          "--cache-dir", str(tmp_path / ".mypy_cache"), "-p", "cascada"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -16,7 +16,7 @@ import asyncio
 import errno
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -77,7 +77,7 @@ class AsyncSocket:
         self.sock = sock
         self._on_message = on_message
         self._loop = loop
-        self._fd: int = sock.getsockopt(zmq.FD)
+        self._fd = int(sock.getsockopt(zmq.FD))
         self._recv = self._recv_multipart
         self._recv_one = sock.recv
         self._pending: deque[tuple[list[Any], asyncio.Future[None] | None]] = deque()
@@ -85,7 +85,8 @@ class AsyncSocket:
         self._in_drain = False
         self._paused = False
         self.closed = False
-        self._get = sock.getsockopt
+        # Only ever asked for int options (EVENTS, RCVMORE).
+        self._get = cast(Callable[[int], int], sock.getsockopt)
         self._send_one = sock.send
         # Batching: the first message of a loop tick goes at once; single-frame messages to
         # the same peer sent later in that tick are coalesced into one frame (see _wire).

@@ -178,9 +178,19 @@ class Codec:
             return msgpack.ExtType(code, data)
         if isinstance(obj, tuple):
             return msgpack.ExtType(EXT_TUPLE, self._pack_nested(list(obj)))
-        for base in (int, float, str, bytes, dict, list):
-            if isinstance(obj, base):
-                return base(obj)
+        # Subclasses of the native types are narrowed to them on purpose.
+        if isinstance(obj, int):
+            return int(obj)
+        if isinstance(obj, float):
+            return float(obj)
+        if isinstance(obj, str):
+            return str(obj)
+        if isinstance(obj, bytes):
+            return bytes(obj)
+        if isinstance(obj, dict):
+            return dict(obj)
+        if isinstance(obj, list):
+            return list(obj)
         for type_, enc in self._encoders.items():
             if isinstance(obj, type_):
                 code, data = enc(obj, self._oob)
@@ -197,7 +207,8 @@ class Codec:
             raise ValueError(f"tuples nested deeper than {MAX_EXT_DEPTH} levels")
         self._depth += 1
         try:
-            return msgpack.packb(value, default=self._default, strict_types=True)
+            packed: bytes = msgpack.packb(value, default=self._default, strict_types=True)
+            return packed
         finally:
             self._depth -= 1
 
