@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from ..transport._endpoints import IpcDirectory, check_ipc_base, ipc_path
-from ..transport._errors import ConfigurationError, DeadlineExceeded
+from ..transport._errors import ConfigurationError
 from ._actor import Actor
 from ._cell import ActorCell
 from ._errors import ActorDied, ActorInitFailed, ActorNotFound, CascadaError, SystemClosed
@@ -112,6 +112,7 @@ class ActorSystem:
         self._spawner: Spawner | None = None
         self._order: list[str] = []
         self._refs: dict[str, ActorRef] = {}
+        self._starting: set[str] = set()  # names reserved while their actor starts
         self._children: dict[str, _Child] = {}
         self._by_pid: dict[int, str] = {}
         self._pending_spawns: dict[str, tuple[asyncio.Future[Any], str]] = {}
@@ -200,23 +201,22 @@ class ActorSystem:
         if name is None:
             self._count += 1
             name = f"{cls.__name__.lower()}-{self._count}"
-            while name in self._refs:
+            while name in self._refs or name in self._starting:
                 self._count += 1
                 name = f"{cls.__name__.lower()}-{self._count}"
         elif not (isinstance(name, str) and _NAME.match(name)):
             raise ConfigurationError(f"actor name {name!r} must be 1-128 characters of letters, digits, _ . : -")
-        if name in self._refs:
+        if name in self._refs or name in self._starting:
             raise ConfigurationError(f"an actor named {name!r} already exists in this system")
         incarnation = secrets.token_hex(4)
-        self._refs[name] = None  # type: ignore[assignment]  # reserve the name while starting
+        self._starting.add(name)
         try:
             if placement == "local":
                 ref = await self._spawn_local(node, cls, args, kwargs, name, incarnation)
             else:
                 ref = await self._spawn_process(node, cls, args, kwargs, name, incarnation)
-        except BaseException:
-            self._refs.pop(name, None)
-            raise
+        finally:
+            self._starting.discard(name)
         self._refs[name] = ref
         self._order.append(name)
         return ref
@@ -331,7 +331,7 @@ class ActorSystem:
         exits. One that does not within stop_timeout gets SIGTERM, then SIGKILL."""
         node = self.node
         name = ref.name
-        if self._refs.get(name) is None:
+        if name not in self._refs:
             raise ActorNotFound(f"no actor named {name!r} in this system")
         try:
             child = self._children.get(name)
@@ -345,10 +345,8 @@ class ActorSystem:
                 try:
                     await node.call(peer, None, "stop", [], timeout=self._stop_timeout)
                     await node.call(peer, None, "exit", [], timeout=self._stop_timeout)
-                except (ActorDied, DeadlineExceeded):
-                    pass  # it died, or hangs: _reap escalates
                 except CascadaError:
-                    pass
+                    pass  # it died, hangs, or broke the handshake: _reap escalates to signals
             await self._reap(child.pid)
             peer_ = node.peers.pop(ref.endpoint, None)
             if peer_ is not None:
@@ -372,7 +370,7 @@ class ActorSystem:
     @property
     def actors(self) -> list[ActorRef]:
         """Refs of every running actor, oldest first."""
-        return [self._refs[n] for n in self._order if self._refs.get(n) is not None]
+        return [self._refs[n] for n in self._order if n in self._refs]
 
     def pid_of(self, ref: ActorRef) -> int:
         """The OS pid of an actor's process (the caller's own pid for local actors)."""
