@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -34,7 +35,7 @@ class TaskSet:
             coro.close()
             raise RuntimeError(f"task set {self._name} is closed")
         loop = asyncio.get_running_loop()
-        if context is not None:
+        if context is not None and sys.version_info >= (3, 11):  # create_task(context=) is 3.11+
             task = loop.create_task(coro, name=name, context=context)
         else:
             task = loop.create_task(coro, name=name)

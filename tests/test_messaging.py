@@ -252,6 +252,6 @@ async def test_distinct_processes(system: cascada.ActorSystem, placement: str, s
 
 
 async def test_ref_with_an_unreachable_endpoint_is_a_typed_error(system: cascada.ActorSystem) -> None:
-    ghost = cascada.ActorRef("ghost", "bogus://nowhere", 1, "elsewhere")
+    ghost = cascada.ActorRef("ghost", "bogus://nowhere", 1, "elsewhere", node=system.node)
     with pytest.raises(cascada.ConfigurationError, match="cannot connect"):
         await ghost.ask("x", timeout=1)
