@@ -62,7 +62,11 @@ class TaskSet:
         """Cancel every task still running and wait for all of them."""
         self._closed = True
         while self._tasks:
+            # Take them out here rather than wait for their done-callbacks: gather over tasks
+            # that are all finished may return without yielding to the loop (Python 3.13),
+            # and then those callbacks would never get the chance to run.
             tasks = list(self._tasks)
+            self._tasks.difference_update(tasks)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
