@@ -18,6 +18,7 @@ import pytest
 import uvloop
 
 import cascada
+from support import descendants, spawn_placement, system_kwargs
 
 PLACEMENTS = ["local", "process-ipc", "process-tcp"]
 
@@ -36,28 +37,6 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
     return {"uvloop": uvloop.new_event_loop}
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live process below pid (children, grandchildren, ...), from /proc."""
-    parents: dict[int, list[int]] = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(stat, "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        after = data[data.rfind(b")") + 2 :].split()
-        if after[0] in (b"Z", b"X"):
-            continue
-        parents.setdefault(int(after[1]), []).append(int(stat.split("/")[2]))
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def _fds() -> dict[int, str]:
@@ -119,14 +98,6 @@ def leak_check(_process_lifetime_singletons: None) -> Iterator[None]:
     if leaked:
         problems.append(f"file descriptors left open: {leaked}")
     assert not problems, "; ".join(problems)
-
-
-def system_kwargs(placement: str) -> dict[str, Any]:
-    return {"transport": "tcp"} if placement == "process-tcp" else {}
-
-
-def spawn_placement(placement: str) -> cascada.Placement:
-    return "local" if placement == "local" else "process"
 
 
 @pytest.fixture(params=PLACEMENTS)

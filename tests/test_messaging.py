@@ -216,7 +216,7 @@ async def test_graceful_stop_drains_accepted_messages(system: cascada.ActorSyste
 
 
 async def test_mailbox_is_bounded_and_pushes_back(placement: str) -> None:
-    from conftest import spawn_placement, system_kwargs
+    from support import spawn_placement, system_kwargs
 
     async with cascada.ActorSystem(mailbox_size=4, hwm=4, **system_kwargs(placement)) as system:
         ref = await system.spawn(Recorder, placement=spawn_placement(placement))

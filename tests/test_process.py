@@ -302,3 +302,54 @@ async def test_no_lost_wakeups_under_pushback(loop: str, monkeypatch: pytest.Mon
                 return result
 
             assert await asyncio.wait_for(flood(), 10) == list(range(200))
+
+
+def test_actor_processes_die_with_a_sigkilled_driver(tmp_path: Any) -> None:
+    """No orphans: SIGKILL the driver, and its forkserver and actors follow (PDEATHSIG)."""
+    import subprocess
+    import sys
+
+    from support import descendants
+
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import asyncio, sys, cascada\n"
+        "class A(cascada.Actor):\n"
+        "    async def pid(self):\n"
+        "        import os; return os.getpid()\n"
+        "async def main():\n"
+        "    async with cascada.ActorSystem() as s:\n"
+        "        refs = [await s.spawn(A) for _ in range(3)]\n"
+        "        print(*[await r.ask('pid') for r in refs], flush=True)\n"
+        "        await asyncio.sleep(60)\n"
+        "cascada.run(main())\n"
+    )
+    driver = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout is not None
+        actor_pids = [int(p) for p in driver.stdout.readline().split()]
+        assert len(actor_pids) == 3
+        family = descendants(driver.pid)
+        assert set(actor_pids) <= set(family) and len(family) == 4  # 3 actors + the forkserver
+        driver.kill()
+        driver.wait(10)
+        deadline = time.monotonic() + 5
+        alive = family
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = [p for p in family if not cascada.actors._node.process_gone(p)]
+        assert alive == [], f"orphans left: {alive}"
+        # Its ipc directory could not be removed by a SIGKILLed owner; the next system sweeps it.
+        import glob
+        import tempfile
+
+        stale = glob.glob(os.path.join(tempfile.gettempdir(), f"cascada-{driver.pid}-*"))
+        assert len(stale) == 1
+        cascada.transport.IpcDirectory().remove()
+        assert not os.path.exists(stale[0])
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait(10)
+        if driver.stdout is not None:
+            driver.stdout.close()

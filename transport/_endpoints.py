@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
+import stat
 import tempfile
 
 from ._errors import ConfigurationError
@@ -20,15 +22,18 @@ class IpcDirectory:
     everything in it when the system closes, which also cleans files left by a SIGKILLed
     process (libzmq cannot unlink those)."""
 
-    # "/cascada-XXXXXXXX/" + an 8-hex-digit stem + ".ipc"
-    _OVERHEAD = 18 + 8 + 4
+    # "/cascada-<pid>-XXXXXXXX/" (a pid has at most 7 digits) + an 8-hex-digit stem + ".ipc"
+    _OVERHEAD = 26 + 8 + 4
 
     def __init__(self, base: str | None = None) -> None:
         if base is None:
             base = default_ipc_base()
         check_ipc_base(base)
+        sweep_dead_ipc_dirs(base)
         try:
-            self.path = tempfile.mkdtemp(prefix="cascada-", dir=base)
+            # The owner's pid is in the name, so a later system can tell the directory of a
+            # system that was SIGKILLed (and could not clean up) from one still running.
+            self.path = tempfile.mkdtemp(prefix=f"cascada-{os.getpid()}-", dir=base)
         except OSError as exc:
             raise ConfigurationError(f"cannot create the ipc directory in {base!r}: {exc}") from exc
         os.chmod(self.path, 0o700)
@@ -45,6 +50,44 @@ class IpcDirectory:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+_OWNED = re.compile(r"^cascada-(\d+)-[A-Za-z0-9_]+$")
+
+
+def sweep_dead_ipc_dirs(base: str) -> list[str]:
+    """Remove ipc directories in base left by systems that died without cleaning up (their
+    owner pid is gone). Only our own user's directories are touched; returns what was removed."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for name in names:
+        m = _OWNED.match(name)
+        if m is None:
+            continue
+        path = os.path.join(base, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if st.st_uid != uid or not stat.S_ISDIR(st.st_mode) or _pid_alive(int(m.group(1))):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def default_ipc_base() -> str:
