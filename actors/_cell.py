@@ -9,7 +9,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from ..transport._errors import DeadlineExceeded
+from ..transport._endpoints import process_gone
+from ..transport._errors import DeadlineExceeded, TensorLost
 from ..transport._wire import Kind
 from ._actor import Actor, Handler, handlers_of
 from ._errors import ActorDied, ActorNotFound
@@ -163,6 +164,14 @@ class ActorCell:
                 reply.fail(DeadlineExceeded(f"{self.name}.{msg.method}: the deadline passed while the "
                                             "message waited in the mailbox; it was not run"), "deadline")
             return
+        if msg.owners is not None:
+            dead = [pid for pid in msg.owners if process_gone(pid)]
+            if dead:
+                self.node.tensors.stats.lost += 1
+                self._fail(msg, TensorLost(
+                    f"{self.name}.{msg.method}: the process that owns tensors in this message (pid "
+                    f"{dead[0]}) died while it waited in the mailbox; it was not run"), "tensor_lost")
+                return
         handler = self.handlers.get(msg.method)
         if handler is None:
             self._fail(msg, ActorNotFound(f"actor {self.name!r} ({type(self.instance).__qualname__}) has no "

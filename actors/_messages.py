@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 class Message:
-    __slots__ = ("kind", "method", "args", "kwargs", "deadline", "reply", "credit")
+    __slots__ = ("kind", "method", "args", "kwargs", "deadline", "reply", "credit", "owners")
 
     def __init__(
         self,
@@ -31,6 +31,7 @@ class Message:
         deadline: float | None,
         reply: Reply | None,
         credit: StreamCredit | None = None,
+        owners: list[int] | None = None,
     ) -> None:
         self.kind = kind
         self.method = method
@@ -39,6 +40,7 @@ class Message:
         self.deadline = deadline
         self.reply = reply
         self.credit = credit
+        self.owners = owners  # pids owning leased tensors in args (see Envelope.owners)
 
 
 class Reply:

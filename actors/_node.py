@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
 import math
 import os
+import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -26,9 +27,20 @@ import msgpack
 import zmq
 
 from ..transport import _monitor
-from ..transport._endpoints import check_endpoint, host_id, ipc_path
-from ..transport._errors import ConfigurationError, DeadlineExceeded, ProtocolError, SerializationError, TransportClosed
+from ..transport._endpoints import check_endpoint, host_id, ipc_path, process_gone
+from ..transport._errors import (
+    CascadaError,
+    ConfigurationError,
+    DeadlineExceeded,
+    HandleNotPortable,
+    PoolExhausted,
+    ProtocolError,
+    SerializationError,
+    TensorLost,
+    TransportClosed,
+)
 from ..transport._socket import AsyncSocket, Unroutable, configure
+from ..transport._tensors import Destination, PoolBusy, TensorCodec, TensorOptions
 from ..transport._wire import EXT_REF, Codec, Envelope, Kind, Limits, error_body
 from ._errors import ActorDied, ActorInitFailed, ActorNotFound, RemoteError, SystemClosed
 from ._messages import Message, RemoteReply, StreamCredit, StreamSink
@@ -52,7 +64,8 @@ UNSET = _Unset()
 class NodeConfig:
     """Settings shared by every node of a system (they travel to actor processes)."""
 
-    __slots__ = ("hwm", "max_header_bytes", "max_frames", "max_frame_bytes", "mailbox_size", "stream_window", "default_timeout")
+    __slots__ = ("hwm", "max_header_bytes", "max_frames", "max_frame_bytes", "mailbox_size", "stream_window",
+                 "default_timeout", "tensors")
 
     def __init__(
         self,
@@ -64,6 +77,7 @@ class NodeConfig:
         mailbox_size: int = 1024,
         stream_window: int = 64,
         default_timeout: float = 300.0,
+        tensors: TensorOptions | None = None,
     ) -> None:
         for key, value in (("hwm", hwm), ("max_header_bytes", max_header_bytes), ("max_frames", max_frames),
                            ("max_frame_bytes", max_frame_bytes), ("mailbox_size", mailbox_size),
@@ -79,12 +93,17 @@ class NodeConfig:
         self.mailbox_size = mailbox_size
         self.stream_window = stream_window
         self.default_timeout = float(default_timeout)
+        self.tensors = tensors or TensorOptions()
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__slots__}
+        d = {k: getattr(self, k) for k in self.__slots__}
+        d["tensors"] = self.tensors.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> NodeConfig:
+        d = dict(d)
+        d["tensors"] = TensorOptions.from_dict(d["tensors"])
         return cls(**d)
 
 
@@ -104,20 +123,30 @@ def error_from_body(body: list[Any], actor: str | None, method: str | None) -> B
         return ActorDied(message, actor=actor)
     if code == "init_failed":
         return ActorInitFailed(message, actor=actor or "?", remote_traceback=tb)
+    if code == "tensor_lost":
+        return TensorLost(message)
+    if code == "pool_exhausted":
+        return PoolExhausted(message)
+    if code == "not_portable":
+        return HandleNotPortable(message)
     return SystemClosed(message)
 
 
-def process_gone(pid: int) -> bool:
-    """True when pid is not a live process here (gone, or a zombie awaiting its reaper)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]
-    return state in (b"Z", b"X")
+# Errors raised while encoding a reply that travel back to the caller under their own code.
+_SEND_ERROR_CODES: tuple[tuple[type[BaseException], str], ...] = (
+    (SerializationError, "serialization"), (PoolExhausted, "pool_exhausted"),
+    (HandleNotPortable, "not_portable"), (TensorLost, "tensor_lost"),
+)
+
+
+def send_error_code(exc: BaseException) -> str | None:
+    for type_, code in _SEND_ERROR_CODES:
+        if isinstance(exc, type_):
+            return code
+    return None
+
+
+LEASE_SWEEP_INTERVAL = 0.25  # seconds between checks for dead consumers while leases are out
 
 
 class NodeStats:
@@ -145,9 +174,24 @@ class Node:
         self.codec = Codec(Limits(max_header_bytes=config.max_header_bytes, max_frames=config.max_frames,
                                   max_frame_bytes=config.max_frame_bytes))
         self.codec.register(_ref_type(), self._encode_ref, EXT_REF, self._decode_ref)
+        self.tensors = TensorCodec(config.tensors, host=self.host, owner_endpoint=endpoint,
+                                   process_gone=process_gone, on_release=self._lease_released)
+        self.tensors.leases.on_change = self._leases_changed
+        self.codec.install_tensors(self.tensors)
+        self._releases: deque[tuple[str, int, int]] = deque()
+        self._release_scheduled = False
+        self._sweeper: asyncio.Task[None] | None = None
+        self._room: asyncio.Event | None = None  # set when a pool segment comes free
+        self._dests: dict[bytes, Destination] = {}
+        self._routing_ids = itertools.count(1)
+        self._thread = 0
+        # Replies waiting for room in the shm pool, per caller connection: later replies to
+        # the same caller queue behind them, so per-pair order holds.
+        self._reply_queues: dict[bytes, _SendQueue] = {}
         self.cells: dict[str, ActorCell] = {}
         self.peers: dict[str, Peer] = {}
         self.control: dict[str, ControlHandler] = {}
+        self.control_sync: dict[str, Callable[[Envelope], None]] = {}  # one-way, run inline
         self.streams: dict[tuple[bytes, int], StreamCredit] = {}
         self.stats = NodeStats()
         self.tasks = TaskSet(f"node {node_id}")
@@ -182,6 +226,10 @@ class Node:
         if path is not None:
             os.chmod(path, 0o600)
         self._router = AsyncSocket(sock, self._on_inbound, self._loop, router=True)
+        self.tensors.owner_endpoint = self.endpoint
+        self._thread = threading.get_ident()
+        self.tensors.pool_waker = self._wake_room
+        self.control_sync["lease.release"] = self._on_lease_release
 
     @property
     def context(self) -> zmq.Context[Any]:
@@ -207,6 +255,8 @@ class Node:
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
+        self.tensors.on_release = None
+        self.tensors.close()
 
     def stats_snapshot(self) -> dict[str, int]:
         stats = self.stats.to_dict()
@@ -214,6 +264,9 @@ class Node:
             stats["unroutable_replies"] += self._router.unroutable
         stats["backlog"] = len(self.backlog)
         return stats
+
+    def tensor_stats(self) -> dict[str, Any]:
+        return self.tensors.snapshot()
 
     def deadline(self, timeout: float | None) -> float | None:
         """Absolute deadline (wall clock, which is what travels) for a relative timeout."""
@@ -252,7 +305,7 @@ class Node:
         identity = frames[0]
         try:
             envs, err = self.codec.decode_all(frames, 1)
-        except ProtocolError as exc:
+        except (ProtocolError, TensorLost) as exc:
             self._reject(identity, frames, exc)
             return
         self.stats.received += len(envs)
@@ -290,7 +343,7 @@ class Node:
                 self.streams[(identity, env.corr)] = credit
             reply = None if kind is Kind.TELL else RemoteReply(self, identity, env.corr)
             method = cast(str, env.method)  # the codec refuses requests without one
-            if cell.deliver(Message(kind, method, args, kwargs, env.deadline, reply, credit)):
+            if cell.deliver(Message(kind, method, args, kwargs, env.deadline, reply, credit, env.owners)):
                 self.full_cells.add(cell.name)
                 assert self._router is not None
                 self._router.pause_reading()
@@ -323,14 +376,28 @@ class Node:
         if isinstance(reply, RemoteReply):
             self.streams.pop((reply.identity, reply.corr), None)
 
-    def _reject(self, identity: bytes, frames: list[bytes], exc: ProtocolError) -> None:
+    def _reject(self, identity: bytes, frames: list[bytes], exc: Exception) -> None:
+        corr = _salvage_corr(frames)
+        if isinstance(exc, TensorLost):
+            # Not the sender's fault: a leased tensor's owner died or its lease expired.
+            self.tensors.stats.lost += 1
+            if corr is not None:
+                self.send_error(identity, corr, "tensor_lost", "TensorLost", str(exc), None)
+            return
         self.stats.rejected_frames += 1
         self.log.warning("protocol", "node %s rejected a message: %s", self.id, exc)
-        corr = _salvage_corr(frames)
         if corr is not None:
             self.send_error(identity, corr, "protocol", "ProtocolError", str(exc), None)
 
     def _on_control(self, identity: bytes, env: Envelope) -> None:
+        sync = self.control_sync.get(env.method or "")
+        if sync is not None and env.kind is Kind.TELL:
+            try:
+                sync(env)
+            except ProtocolError as exc:
+                self.stats.rejected_frames += 1
+                self.log.warning("control", "control %s rejected: %s", env.method, exc)
+            return
         handler = self.control.get(env.method or "")
         if handler is None:
             if env.kind is not Kind.TELL:
@@ -354,12 +421,43 @@ class Node:
     # -- outbound replies ----------------------------------------------------------------
 
     def send_reply(self, identity: bytes, kind: Kind, corr: int, body: Any) -> asyncio.Future[None] | None:
+        queue = self._reply_queues.get(identity)
+        if queue is not None:
+            return queue.push((identity, kind, corr, body))
+        try:
+            return self._encode_reply(identity, kind, corr, body)
+        except PoolBusy:
+            queue = self._reply_queues[identity] = _SendQueue(self, self._encode_reply,
+                                                              lambda: self._reply_queues.pop(identity, None))
+            return queue.push((identity, kind, corr, body))
+
+    def _encode_reply(self, identity: bytes, kind: Kind, corr: int, body: Any,
+                      deadline: float | None = None) -> asyncio.Future[None] | None:
+        self.tensors.dest = self.dest_for(identity)
         try:
             frames = self.codec.encode(kind, corr, None, None, None, None, body)
-        except SerializationError as exc:
-            self.send_error(identity, corr, "serialization", "SerializationError", f"the reply cannot travel: {exc}", None)
+        except PoolBusy:
+            raise
+        except CascadaError as exc:
+            code = send_error_code(exc)
+            if code is None:
+                raise
+            self.send_error(identity, corr, code, type(exc).__name__, f"the reply cannot travel: {exc}", None)
             return None
         return self._route(identity, frames)
+
+    def dest_for(self, identity: bytes) -> Destination:
+        """Where a reply to this caller connection goes (its routing id names its pid and host)."""
+        dest = self._dests.get(identity)
+        if dest is None:
+            dest = _parse_routing_id(identity, self.host)
+            if len(self._dests) > 4096:
+                self._dests.clear()
+            self._dests[identity] = dest
+        return dest
+
+    def routing_id(self) -> bytes:
+        return f"{self.pid}.{next(self._routing_ids)}.{self.host[:12]}".encode()
 
     def send_error(self, identity: bytes, corr: int, code: str, type_name: str, message: str, tb: str | None) -> None:
         frames = self.codec.encode(Kind.ERROR, corr, None, None, None, None, error_body(code, type_name, message, tb))
@@ -413,6 +511,100 @@ class Node:
         if peer is not None:
             peer.mark_dead(message, exitcode)
 
+    def process_died(self, pid: int) -> None:
+        """A process on this host is gone: its leases on our tensors end now, and cached
+        mappings of its segments are dropped."""
+        tensors = self.tensors
+        if len(tensors.leases):
+            tensors.leases.expire_consumer((self.host, pid))
+        if tensors._reader is not None:
+            tensors._reader.forget_owner(pid)
+
+    # -- leases ----------------------------------------------------------------------------
+
+    def _lease_released(self, owner_endpoint: str, owner_pid: int, lease_id: int) -> None:
+        """A received tensor was freed (on any thread): tell its owner, batched per tick."""
+        self._releases.append((owner_endpoint, owner_pid, lease_id))
+        if self._release_scheduled or self.closed or self._loop is None:
+            return
+        self._release_scheduled = True
+        try:
+            if threading.get_ident() == self._thread:
+                self._loop.call_soon(self._flush_releases)
+            else:
+                self._loop.call_soon_threadsafe(self._flush_releases)
+        except RuntimeError:
+            pass  # the loop is closed: the owner expires these leases when we are gone
+
+    def _flush_releases(self) -> None:
+        self._release_scheduled = False
+        by_owner: dict[tuple[str, int], list[int]] = {}
+        q = self._releases
+        while q:
+            ep, pid, lease_id = q.popleft()
+            by_owner.setdefault((ep, pid), []).append(lease_id)
+        for (ep, pid), ids in by_owner.items():
+            if self.closed:
+                return
+            if ep == self.endpoint:
+                self.tensors.leases.release(ids)
+                continue
+            try:
+                peer = self.peer(ep, pid, self.host)
+                if peer.dead is None:
+                    peer.send(Kind.TELL, next(self.corr), None, "lease.release", None, [[ids], None])
+            except CascadaError as exc:
+                self.log.warning("lease", "could not release %d leases to %s: %s", len(ids), ep, exc)
+
+    def _on_lease_release(self, env: Envelope) -> None:
+        args = env.body[0]
+        if len(args) != 1 or type(args[0]) is not list or not all(type(i) is int for i in args[0]):
+            raise ProtocolError("lease.release takes one list of lease ids")
+        self.tensors.leases.release(args[0])
+
+    def _leases_changed(self) -> None:
+        if len(self.tensors.leases) and (self._sweeper is None or self._sweeper.done()) and not self.closed:
+            self._sweeper = self.tasks.spawn(self._sweep_leases(), name="lease sweeper")
+
+    async def _sweep_leases(self) -> None:
+        leases = self.tensors.leases
+        while len(leases) and not self.closed:
+            await asyncio.sleep(LEASE_SWEEP_INTERVAL)
+            leases.sweep()
+            pool = self.tensors._pool
+            if pool is not None:
+                pool.sweep()
+
+    def _wake_room(self) -> None:
+        """A pool segment came free (any thread): wake senders waiting for room."""
+        if self._room is None or self._loop is None or self.closed:
+            return
+        if threading.get_ident() == self._thread:
+            self._room.set()
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._room.set)
+            except RuntimeError:
+                pass
+
+    async def wait_for_room(self, deadline: float | None) -> None:
+        """Wait until a pool segment comes free, or fail with PoolExhausted at the deadline."""
+        if self._room is None:
+            self._room = asyncio.Event()
+        self._room.clear()
+        pool = self.tensors.pool
+        timeout = None if deadline is None else deadline - time.time()
+        if timeout is not None and timeout <= 0:
+            raise PoolExhausted(f"the shared-memory pool ({pool.max_bytes} bytes) stayed full until the "
+                                "deadline: release received tensors sooner or raise shm_pool_bytes")
+        # Leases of dead consumers may be all that holds the pool: look now, then wait.
+        self.tensors.leases.sweep()
+        pool.sweep()
+        try:
+            await asyncio.wait_for(self._room.wait(), min(timeout, LEASE_SWEEP_INTERVAL) if timeout else LEASE_SWEEP_INTERVAL)
+        except asyncio.TimeoutError:
+            pass
+
 
 def _expire(fut: asyncio.Future[Any], label: str) -> None:
     if not fut.done():
@@ -442,18 +634,103 @@ async def with_deadline(aw: Awaitable[Any], deadline: float | None, label: str) 
                                "it may or may not have run") from exc
 
 
-def _salvage_corr(frames: list[bytes]) -> int | None:
-    """Best effort: the correlation id of a rejected request, so its caller hears back."""
-    if len(frames) < 2 or len(frames[1]) > 4096:
+def _salvage_corr(frames: list[bytes], replies: bool = False) -> int | None:
+    """Best effort: the correlation id of a message that could not be decoded, so its caller
+    (or, for a reply, the pending call) hears back instead of waiting out its deadline."""
+    if len(frames) < 2 or len(frames[1]) > 65536:
         return None
     try:
-        h = msgpack.unpackb(frames[1], max_array_len=64, max_map_len=64, max_str_len=4096,
-                            max_bin_len=4096, max_ext_len=4096, strict_map_key=False)
+        h = msgpack.unpackb(frames[1], max_array_len=4096, max_map_len=4096, max_str_len=65536,
+                            max_bin_len=65536, max_ext_len=65536, strict_map_key=False,
+                            ext_hook=lambda code, data: None)
     except Exception:
         return None
-    if type(h) is list and len(h) > 2 and type(h[1]) is int and h[1] in (1, 3) and type(h[2]) is int and h[2] > 0:
+    kinds = (4, 5, 6, 7) if replies else (1, 3)
+    if type(h) is list and len(h) > 2 and type(h[1]) is int and h[1] in kinds and type(h[2]) is int and h[2] > 0:
         return h[2]
     return None
+
+
+def _parse_routing_id(identity: bytes, host: str) -> Destination:
+    # "<pid>.<n>.<host prefix>", set by Peer on its DEALER; anything else is a caller we
+    # know nothing about, so its tensors travel inline (never by shm name).
+    try:
+        pid_s, _n, tag = identity.decode("ascii").split(".")
+        pid = int(pid_s)
+    except (UnicodeDecodeError, ValueError):
+        return Destination(False, ("", 0))
+    if tag == host[:12]:
+        return Destination(True, (host, pid))
+    return Destination(False, (tag, pid))
+
+
+class _SendQueue:
+    """Messages to one connection waiting for room in the shm pool, sent in order. While a
+    queue exists every later message to that connection goes through it (per-pair FIFO)."""
+
+    def __init__(self, node: Node, encode_send: Callable[..., asyncio.Future[None] | None],
+                 on_empty: Callable[[], object]) -> None:
+        self.node = node
+        self._encode_send = encode_send
+        self._on_empty = on_empty
+        self._items: deque[tuple[tuple[Any, ...], float | None, asyncio.Future[None]]] = deque()
+        self._task = node.tasks.spawn(self._run(), name="shm wait queue")
+
+    def push(self, args: tuple[Any, ...], deadline: float | None = None) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = self.node.loop.create_future()
+        self._items.append((args, deadline, fut))
+        return fut
+
+    async def _run(self) -> None:
+        node = self.node
+        try:
+            await asyncio.sleep(0)
+            while self._items:
+                args, deadline, fut = self._items[0]
+                try:
+                    sent = self._encode_send(*args)
+                except PoolBusy:
+                    try:
+                        await node.wait_for_room(deadline if deadline is not None else _reply_deadline())
+                    except PoolExhausted as exc:
+                        self._items.popleft()
+                        _fail_send(fut, args, exc, node)
+                    continue
+                except BaseException as exc:
+                    self._items.popleft()
+                    if not fut.done():
+                        fut.set_exception(exc)
+                    continue
+                self._items.popleft()
+                if sent is not None:
+                    try:
+                        await sent
+                    except BaseException as exc:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                        continue
+                if not fut.done():
+                    fut.set_result(None)
+        finally:
+            self._on_empty()
+            for _args, _d, fut in self._items:
+                if not fut.done():
+                    fut.set_exception(TransportClosed("the node closed while the message waited for room in the shm pool"))
+
+
+def _reply_deadline() -> float:
+    # Replies carry no deadline of their own; a reply waits for pool room at most this long.
+    return time.time() + 30.0
+
+
+def _fail_send(fut: asyncio.Future[None], args: tuple[Any, ...], exc: PoolExhausted, node: Node) -> None:
+    if len(args) == 4 and type(args[0]) is bytes:  # a reply: the caller hears of it
+        identity, _kind, corr, _body = args
+        node.send_error(identity, corr, "pool_exhausted", "PoolExhausted", str(exc), None)
+        if not fut.done():
+            fut.set_result(None)
+    elif not fut.done():
+        fut.set_exception(exc)
 
 
 def _ref_type() -> type:
@@ -475,9 +752,14 @@ class Peer:
         self.streams: dict[int, StreamSink] = {}
         self.dead: ActorDied | None = None
         self.connected = False
+        self.dest = Destination(self.same_host, (host, pid))
+        self._queue: _SendQueue | None = None  # sends waiting for room in the shm pool
         ctx = node.context
         sock = ctx.socket(zmq.DEALER)
         configure(sock, hwm=node.config.hwm, max_frame_bytes=node.config.max_frame_bytes)
+        # The routing id tells the other side our pid and host, so the tensors in its
+        # replies can take the shm path and their leases end if we die.
+        sock.setsockopt(zmq.ROUTING_ID, node.routing_id())
         mon = sock.get_monitor_socket(_monitor.WATCHED)
         mon.setsockopt(zmq.LINGER, 0)
         self._mon = AsyncSocket(mon, self._on_monitor, node.loop)
@@ -500,13 +782,22 @@ class Peer:
         node = self.node
         try:
             envs, err = node.codec.decode_all(frames)
-        except ProtocolError as exc:
+        except (ProtocolError, TensorLost) as exc:
             envs, err = [], exc
         for env in envs:
             self._on_reply_env(env)
         if err is not None:
-            node.stats.rejected_frames += 1
-            node.log.warning("protocol-reply", "node %s rejected a reply from %s: %s", node.id, self.endpoint, err)
+            if isinstance(err, TensorLost):
+                node.tensors.stats.lost += 1
+            else:
+                node.stats.rejected_frames += 1
+                node.log.warning("protocol-reply", "node %s rejected a reply from %s: %s", node.id, self.endpoint, err)
+            # The call it answered must not wait out its deadline: fail it with the reason.
+            corr = _salvage_corr([b"", *frames], replies=True) if not envs else None
+            if corr is not None:
+                entry = self.calls.pop(corr, None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_exception(err)
 
     def _on_reply_env(self, env: Envelope) -> None:
         node = self.node
@@ -560,6 +851,7 @@ class Peer:
                                      "it may or may not have run"))
             if gone:
                 self.dead = ActorDied(f"the process behind {self.endpoint} (pid {self.pid}) is gone")
+                self.node.process_died(self.pid)
         elif event == _monitor.CONNECT_RETRIED:
             if self.same_host and process_gone(self.pid):
                 self.mark_dead(f"the process behind {self.endpoint} (pid {self.pid}) is gone", None)
@@ -567,6 +859,8 @@ class Peer:
     def mark_dead(self, message: str, exitcode: int | None) -> None:
         self.sock.drain_now()
         self.dead = ActorDied(message, exitcode=exitcode)
+        if self.same_host:
+            self.node.process_died(self.pid)
         self._fail_all(ActorDied(message + "; the call may or may not have run", exitcode=exitcode))
 
     def _fail_all(self, exc: BaseException) -> None:
@@ -586,6 +880,24 @@ class Peer:
 
     def send(self, kind: Kind, corr: int, target: str | None, method: str | None, deadline: float | None,
              body: Any, opts: int | None = None) -> asyncio.Future[None] | None:
-        frames = self.node.codec.encode(kind, corr, self.node.id, target, method, deadline, body, opts)
-        self.node.stats.sent += 1
+        """Send one message. Returns None when it went, or a future to await: zmq is at its
+        high-water mark, or holds a zero-copy frame, or the message waits for pool room."""
+        args = (kind, corr, target, method, deadline, body, opts)
+        if self._queue is not None:
+            return self._queue.push(args, deadline)
+        try:
+            return self._send_now(*args)
+        except PoolBusy:
+            self._queue = _SendQueue(self.node, self._send_now, self._queue_done)
+            return self._queue.push(args, deadline)
+
+    def _queue_done(self) -> None:
+        self._queue = None
+
+    def _send_now(self, kind: Kind, corr: int, target: str | None, method: str | None, deadline: float | None,
+                  body: Any, opts: int | None = None) -> asyncio.Future[None] | None:
+        node = self.node
+        node.tensors.dest = self.dest
+        frames = node.codec.encode(kind, corr, node.id, target, method, deadline, body, opts)
+        node.stats.sent += 1
         return self.sock.send(frames)

@@ -90,6 +90,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def process_gone(pid: int) -> bool:
+    """True when pid is not a live process here (gone, or a zombie awaiting its reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    state = raw[raw.rfind(b")") + 2 : raw.rfind(b")") + 3]
+    return state in (b"Z", b"X")
+
+
 def default_ipc_base() -> str:
     """The system temp dir, or /tmp when that is too long for socket paths (a long TMPDIR is
     common on macOS and in CI sandboxes)."""

@@ -36,3 +36,22 @@ class DeadlineExceeded(CascadaError, TimeoutError):
 
 class TransportClosed(CascadaError):
     """Raised when a socket or node is used after it was closed."""
+
+
+class TensorLost(CascadaError):
+    """Raised when a tensor handed over by reference can no longer be used: its owner process
+    died, or its lease expired before the message was delivered. The request that carried it
+    did not run. Resend the data from a live producer."""
+
+
+class PoolExhausted(CascadaError):
+    """Raised when the shared-memory pool has no free segment for a tensor before the
+    sender's deadline (with ``shm_on_exhausted="wait"``) or at once (``"error"``). Nothing
+    was sent. Raise ``shm_pool_bytes``, release received tensors sooner, or choose
+    ``shm_on_exhausted="inline"`` to fall back to zmq frames."""
+
+
+class HandleNotPortable(CascadaError):
+    """Raised when a CUDA tensor is addressed to a process on another host and the system
+    was configured with ``cuda_cross_host="error"``: a CUDA IPC handle means nothing there.
+    Move the tensor to the CPU first, or allow the host-staged copy (``"copy"``)."""

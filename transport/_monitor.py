@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import zmq
 
@@ -15,8 +16,8 @@ WATCHED = CONNECTED | DISCONNECTED | CONNECT_RETRIED
 _HEAD = struct.Struct("=HI")
 
 
-def parse(frames: list[bytes]) -> tuple[int, int, str]:
+def parse(frames: list[Any]) -> tuple[int, int, str]:
     """(event, value, endpoint) from a monitor message."""
     event, value = _HEAD.unpack_from(frames[0])
-    endpoint = frames[1].decode("utf-8", "replace") if len(frames) > 1 else ""
+    endpoint = bytes(frames[1]).decode("utf-8", "replace") if len(frames) > 1 else ""
     return event, value, endpoint

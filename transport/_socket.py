@@ -35,6 +35,16 @@ _ZEROCOPY_MIN = 64 * 1024
 _BATCH_MAX = 64  # messages per batch frame
 
 
+def _poll_trackers(loop: asyncio.AbstractEventLoop, trackers: list[Any], fut: asyncio.Future[None],
+                   delay: float) -> None:
+    if fut.done():
+        return
+    if all(t.done for t in trackers):
+        fut.set_result(None)
+        return
+    loop.call_later(delay, _poll_trackers, loop, trackers, fut, min(delay * 2, 2e-3))
+
+
 class Unroutable(Exception):
     """Private: a ROUTER could not route a message (the peer is gone). Never leaves the
     package: callers turn it into a counted drop or a typed error."""
@@ -169,14 +179,18 @@ class AsyncSocket:
                 else:
                     self._batches.clear()
 
-    def _recv_multipart(self, flags: int) -> list[bytes]:
+    def _recv_multipart(self, flags: int) -> list[Any]:
         # pyzmq's recv_multipart converts each option to an enum on every call; plain ints
         # and a plain loop save ~0.5 us a message.
         recv = self._recv_one
-        frames = [recv(flags)]
+        frames: list[Any] = [recv(flags)]
         get = self._get
+        if self._router and get(_RCVMORE):
+            frames.append(recv(flags))  # a ROUTER's first frame is the sender's routing id
         while get(_RCVMORE):
-            frames.append(recv(flags))
+            # Out-of-band frames (tensor data) are taken as zmq.Frame, without a copy; the
+            # tensor built over one keeps it alive.
+            frames.append(recv(flags, copy=False))
         return frames
 
     def pause_reading(self) -> None:
@@ -241,7 +255,7 @@ class AsyncSocket:
             self._pending.append((frames, fut))
             return fut
         try:
-            self._write(frames)
+            trackers = self._write(frames)
         except zmq.Again:
             fut = self._loop.create_future() if want_future else None
             self._pending.append((frames, fut))
@@ -251,6 +265,10 @@ class AsyncSocket:
             if exc.errno == errno.EHOSTUNREACH:
                 raise Unroutable(str(exc)) from exc
             raise
+        if trackers is not None:
+            if not self._in_drain:
+                self._schedule_drain()
+            return self._hold(trackers)
         # A send can swallow the edge that announced input, so EVENTS must be looked at
         # again before the loop sleeps. One look per loop iteration covers every send made
         # in it (a syscall per send would halve tell throughput); a drain of this very
@@ -259,23 +277,46 @@ class AsyncSocket:
             self._schedule_drain()
         return None
 
-    def _write(self, frames: list[Any]) -> None:
+    def _write(self, frames: list[Any]) -> list[Any] | None:
+        """Hand one message to zmq. Returns the trackers of frames zmq still reads from
+        (large mutable buffers sent without a copy), or None."""
         send = self._send_one
         last = len(frames) - 1
         if last == 0:
             send(frames[0], _NOBLOCK)
-            return
+            return None
         # Once zmq accepts the first part of a multipart message it accepts the rest, so only
         # the first send can raise Again. Small frames are copied (cheaper than tracking a
-        # zero-copy buffer); large ones go without a copy.
+        # zero-copy buffer); large ones go without a copy, and a large *mutable* buffer (a
+        # tensor's memory) is tracked, so its sender can be held until zmq is done with it:
+        # a tensor changed after send must not change what the receiver gets.
+        trackers = None
         for i, frame in enumerate(frames):
-            send(frame, _NOBLOCK | _SNDMORE if i < last else _NOBLOCK, copy=len(frame) < _ZEROCOPY_MIN)
+            flags = _NOBLOCK | _SNDMORE if i < last else _NOBLOCK
+            if len(frame) < _ZEROCOPY_MIN:
+                send(frame, flags)
+            elif type(frame) is bytes:
+                send(frame, flags, copy=False)
+            else:
+                tracker = send(frame, flags, copy=False, track=True)
+                if trackers is None:
+                    trackers = []
+                trackers.append(tracker)
+        return trackers
+
+    def _hold(self, trackers: list[Any], fut: asyncio.Future[None] | None = None) -> asyncio.Future[None]:
+        """A future that resolves once zmq has let go of every tracked frame. pyzmq signals
+        that on a threading.Event from its own thread, so it is polled, backing off."""
+        if fut is None:
+            fut = self._loop.create_future()
+        _poll_trackers(self._loop, trackers, fut, 50e-6)
+        return fut
 
     def _flush(self) -> None:
         while self._pending:
             frames, fut = self._pending[0]
             try:
-                self._write(frames)
+                trackers = self._write(frames)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
@@ -288,7 +329,10 @@ class AsyncSocket:
                 continue
             self._pending.popleft()
             if fut is not None and not fut.done():
-                fut.set_result(None)
+                if trackers is not None:
+                    self._hold(trackers, fut)
+                else:
+                    fut.set_result(None)
         if not self._in_drain:
             self._schedule_drain()
 

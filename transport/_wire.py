@@ -69,7 +69,8 @@ EXT_REF = 2
 
 # Error codes carried in ERROR bodies, mapped to exception types by the actor layer.
 ERROR_CODES = frozenset(
-    ("remote", "not_found", "deadline", "protocol", "serialization", "died", "init_failed", "closed")
+    ("remote", "not_found", "deadline", "protocol", "serialization", "died", "init_failed", "closed",
+     "tensor_lost", "pool_exhausted", "not_portable")
 )
 
 ExtEncoder = Callable[[Any, list[Any]], tuple[int, bytes]]
@@ -91,6 +92,7 @@ class Envelope:
         "body",
         "opts",
         "incarnation",
+        "owners",
     )
 
     def __init__(
@@ -114,6 +116,9 @@ class Envelope:
         self.body = body
         self.opts = opts
         self.incarnation = incarnation
+        # pids of the processes that own leased tensors in this message (shm, CUDA IPC):
+        # if one has died by the time the message is handled, it fails with TensorLost.
+        self.owners: list[int] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -161,6 +166,7 @@ class Codec:
         self._oob: list[Any] = []
         self._frames: Sequence[Any] = ()
         self._depth = 0
+        self.tensors: Any = None  # a TensorCodec, installed by install_tensors
 
     def register(self, type_: type, encoder: ExtEncoder, code: int, decoder: ExtDecoder) -> None:
         """Teach the codec a new ext type (used by the actor and tensor layers)."""
@@ -168,6 +174,13 @@ class Codec:
             raise SerializationError(f"ext code {code} is reserved or out of range")
         self._encoders[type_] = encoder
         self._decoders[code] = decoder
+
+    def install_tensors(self, tensors: Any) -> None:
+        """Send and receive torch, numpy and cupy values through ``tensors`` (a TensorCodec)."""
+        from ._tensors import EXT_TENSOR
+
+        self.tensors = tensors
+        self._decoders[EXT_TENSOR] = tensors.decode
 
     # -- encoding ------------------------------------------------------------------------
 
@@ -195,6 +208,10 @@ class Codec:
             if isinstance(obj, type_):
                 code, data = enc(obj, self._oob)
                 return msgpack.ExtType(code, data)
+        if self.tensors is not None:
+            found = self.tensors.encode(obj, self._oob)
+            if found is not None:
+                return msgpack.ExtType(*found)
         raise TypeError(
             f"cannot send a value of type {type(obj).__module__}.{type(obj).__qualname__}: "
             "send msgpack-native data (None, bool, int, float, str, bytes, list, tuple, dict), "
@@ -231,12 +248,24 @@ class Codec:
             head = self._packer.pack(
                 [VERSION, int(kind), corr, sender, target, method, deadline, body, opts, incarnation]
             )
-        except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+        except BaseException as exc:
             self._packer.reset()
             self._depth = 0
-            raise SerializationError(f"{kind.name.lower()} {method or ''}: {exc}") from exc
+            if self.tensors is not None:
+                self.tensors.abort()
+            if isinstance(exc, (TypeError, ValueError, OverflowError, RecursionError)):
+                raise SerializationError(f"{kind.name.lower()} {method or ''}: {exc}") from exc
+            raise
         finally:
             self._oob = []
+        tensors = self.tensors
+        leased = False
+        if tensors is not None and tensors._issued:
+            if len(head) > self.limits.max_header_bytes:
+                tensors.abort()
+            else:
+                tensors._issued.clear()
+                leased = True
         if len(head) > self.limits.max_header_bytes:
             raise SerializationError(
                 f"message header is {len(head)} bytes, over the {self.limits.max_header_bytes} "
@@ -244,6 +273,10 @@ class Codec:
             )
         if oob:
             return [head, *oob]
+        if leased:
+            # Never batched: if its tensors are lost on the way, the receiver can answer
+            # exactly this message (a batch is decoded as one unit).
+            return [head, b""]
         return [head]
 
     # -- decoding ------------------------------------------------------------------------
@@ -296,19 +329,25 @@ class Codec:
                 f"header frame of {len(head)} bytes, over the limit of {limits.max_header_bytes}"
             )
         self._frames = frames[start + 1 :] if count > 1 else ()
+        tensors = self.tensors
         try:
             h = self._unpack(head)
         except ProtocolError:
             raise
         except Exception as exc:  # msgpack raises a zoo: FormatError, StackError, ValueError...
+            if tensors is not None and isinstance(exc, tensors.passthrough):
+                raise
             raise ProtocolError(f"undecodable header: {type(exc).__name__}: {exc}") from exc
         finally:
             self._frames = ()
             self._depth = 0
-        return _validate(h)
+            owners = tensors.take_owners() if tensors is not None and tensors.owners else None
+        env = _validate(h)
+        env.owners = owners
+        return env
 
 
-    def decode_all(self, frames: Sequence[Any], start: int = 0) -> tuple[list[Envelope], ProtocolError | None]:
+    def decode_all(self, frames: Sequence[Any], start: int = 0) -> tuple[list[Envelope], Exception | None]:
         """Every message in ``frames[start:]``: one, or several when the header is a batch.
         Returns the messages decoded and, if the batch went bad part way, the error that
         ended it (the messages before it are good and are still delivered)."""
@@ -327,14 +366,20 @@ class Codec:
         unpacker.feed(memoryview(head)[1:])
         out: list[Envelope] = []
         self._frames = ()
+        tensors = self.tensors
         try:
             for h in unpacker:
-                out.append(_validate(h))
+                env = _validate(h)
+                if tensors is not None and tensors.owners:
+                    env.owners = tensors.take_owners()
+                out.append(env)
                 if len(out) > MAX_BATCH_DECODE:
                     raise ProtocolError(f"batch of more than {MAX_BATCH_DECODE} messages")
         except ProtocolError as exc:
             return out, exc
         except Exception as exc:  # msgpack's own errors, as in decode
+            if tensors is not None and isinstance(exc, tensors.passthrough):
+                return out, exc
             return out, ProtocolError(f"undecodable message in a batch: {type(exc).__name__}: {exc}")
         finally:
             self._depth = 0

@@ -1,0 +1,601 @@
+"""Tensors on the wire: torch tensors, numpy arrays and CuPy arrays, out of band.
+
+A tensor is an ext value (code 3) whose payload is a small msgpack *descriptor*::
+
+    [lib, dtype, shape, where]            lib: 0 torch, 1 numpy, 2 cupy
+                                          dtype: a name on the allowlist below
+                                          shape: a list of non-negative ints
+
+and ``where`` says where the bytes are:
+
+- ``[0, frame]``: an out-of-band zmq frame of this message (small tensors, and any tensor
+  for a process on another host). Frames of 64 KiB and more are sent without a copy and the
+  sender is held until zmq is done with them, so changing a tensor after ``tell`` returns
+  never changes what was sent. The receiver wraps the frame's memory without a copy.
+- ``[1, segment, generation, offset, lease, owner_pid, owner_endpoint]``: a segment of the
+  owner's shared-memory pool (large CPU tensors on one host; see ``_shm``).
+- ``[2, ...]``: a CUDA IPC handle (CUDA tensors on one host; see ``_cuda_ipc``).
+
+Nothing in a descriptor is trusted: the dtype must be on the allowlist, the byte length is
+computed from dtype and shape and must match the buffer exactly, frame indexes must be in
+range, segment names must match the pool's pattern. Anything else is a ProtocolError, raised
+before any allocation. torch, numpy and cupy are imported only when a tensor is met.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgpack
+
+from ._errors import ConfigurationError, HandleNotPortable, PoolExhausted, ProtocolError, TensorLost
+from ._leases import Consumer, LeaseTable
+
+EXT_TENSOR = 3
+
+LIB_TORCH, LIB_NUMPY, LIB_CUPY = 0, 1, 2
+_LIB_NAMES = ("torch", "numpy", "cupy")
+WHERE_INLINE, WHERE_SHM, WHERE_CUDA = 0, 1, 2
+
+# Every dtype torch, numpy and cupy share, plus bfloat16 (torch only).
+ITEMSIZE: dict[str, int] = {
+    "bool": 1, "int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4,
+    "int64": 8, "uint64": 8, "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
+    "complex64": 8, "complex128": 16,
+}
+MAX_DIMS = 32  # numpy's own limit is 64; nobody sends more than a handful
+MAX_TENSOR_BYTES = 1 << 46
+
+PATHS = ("auto", "inline", "shm")
+ON_EXHAUSTED = ("wait", "inline", "error")
+CUDA_CROSS_HOST = ("copy", "error")
+
+
+class TensorOptions:
+    """How tensors travel. Set through ``ActorSystem(...)``; sent to every actor process."""
+
+    __slots__ = ("inline_max", "shm_pool_bytes", "shm_on_exhausted", "lease_ttl", "cuda_cross_host",
+                 "make_contiguous")
+
+    def __init__(
+        self,
+        *,
+        inline_max: int = 1 << 20,
+        shm_pool_bytes: int = 1 << 30,
+        shm_on_exhausted: str = "wait",
+        lease_ttl: float | None = 60.0,
+        cuda_cross_host: str = "copy",
+        make_contiguous: bool = True,
+    ) -> None:
+        if type(inline_max) is not int or inline_max < 0:
+            raise ConfigurationError(f"tensor_inline_max must be a non-negative int, got {inline_max!r}")
+        if type(shm_pool_bytes) is not int or shm_pool_bytes < 0:
+            raise ConfigurationError(f"shm_pool_bytes must be a non-negative int (0 turns the pool off), got {shm_pool_bytes!r}")
+        if shm_on_exhausted not in ON_EXHAUSTED:
+            raise ConfigurationError(f"shm_on_exhausted must be one of {ON_EXHAUSTED}, got {shm_on_exhausted!r}")
+        if lease_ttl is not None and not (isinstance(lease_ttl, (int, float)) and lease_ttl > 0):
+            raise ConfigurationError(f"lease_ttl must be a positive number of seconds or None, got {lease_ttl!r}")
+        if cuda_cross_host not in CUDA_CROSS_HOST:
+            raise ConfigurationError(f"cuda_cross_host must be one of {CUDA_CROSS_HOST}, got {cuda_cross_host!r}")
+        if type(make_contiguous) is not bool:
+            raise ConfigurationError("make_contiguous must be a bool")
+        self.inline_max = inline_max
+        self.shm_pool_bytes = shm_pool_bytes
+        self.shm_on_exhausted = shm_on_exhausted
+        self.lease_ttl = None if lease_ttl is None else float(lease_ttl)
+        self.cuda_cross_host = cuda_cross_host
+        self.make_contiguous = make_contiguous
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TensorOptions:
+        return cls(**d)
+
+
+class Destination:
+    """Who will decode the message being encoded: decides the path a tensor takes."""
+
+    __slots__ = ("same_host", "consumer")
+
+    def __init__(self, same_host: bool, consumer: Consumer) -> None:
+        self.same_host = same_host
+        self.consumer = consumer
+
+
+UNKNOWN = Destination(False, ("", 0))
+
+
+class Via:
+    """A tensor with its path chosen by the caller: ``cascada.via(t, "inline")``."""
+
+    __slots__ = ("tensor", "path")
+
+    def __init__(self, tensor: Any, path: str) -> None:
+        if path not in PATHS:
+            raise ConfigurationError(f"path must be one of {PATHS}, got {path!r}")
+        if lib_of(tensor) is None:
+            raise ConfigurationError(f"cascada.via() takes a torch tensor, numpy array or cupy array, not {type(tensor).__name__}")
+        self.tensor = tensor
+        self.path = path
+
+
+class PoolBusy(Exception):
+    """Private: the pool is full and the policy is to wait. The async send path catches it,
+    waits for a segment to come free (up to the message's deadline) and encodes again."""
+
+
+def lib_of(obj: Any) -> int | None:
+    """Which library's tensor ``obj`` is, without importing any library."""
+    mod = type(obj).__module__
+    if mod.startswith("torch"):
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor):
+            return LIB_TORCH
+    elif mod.startswith("numpy"):
+        np = sys.modules.get("numpy")
+        if np is not None and isinstance(obj, np.ndarray):
+            return LIB_NUMPY
+    elif mod.startswith("cupy"):
+        cp = sys.modules.get("cupy")
+        if cp is not None and isinstance(obj, cp.ndarray):
+            return LIB_CUPY
+    return None
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def _numpy() -> Any:
+    try:
+        import numpy
+    except ImportError:
+        raise ProtocolError("received a numpy array, but numpy is not installed in this process") from None
+    return numpy
+
+
+def _cupy() -> Any:
+    try:
+        import cupy
+    except ImportError:
+        raise TensorLost("received a cupy array, but cupy is not installed in this process") from None
+    return cupy
+
+
+def _view_of(address: int, nbytes: int, keep: Any) -> Any:
+    """A buffer over ``nbytes`` at ``address`` that keeps ``keep`` (the tensor) alive."""
+    buf = (ctypes.c_char * nbytes).from_address(address)
+    buf._keep = keep  # type: ignore[attr-defined]
+    return buf
+
+
+class TensorStats:
+    __slots__ = ("inline", "shm", "shm_handoff", "cuda", "contiguous_copies", "host_staged", "received",
+                 "lost", "inline_fallbacks")
+
+    def __init__(self) -> None:
+        self.inline = 0  # sent as zmq frames
+        self.shm = 0  # copied into a pool segment
+        self.shm_handoff = 0  # pool tensors (cascada.empty) handed over without a copy
+        self.cuda = 0  # sent by CUDA IPC handle
+        self.contiguous_copies = 0  # non-contiguous tensors made contiguous to travel
+        self.host_staged = 0  # CUDA tensors copied through host memory to another host
+        self.received = 0
+        self.lost = 0  # received messages failed with TensorLost
+        self.inline_fallbacks = 0  # pool full with shm_on_exhausted="inline"
+
+    def to_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class TensorCodec:
+    """Encodes and decodes tensors for one node. Owned by the event loop, except the
+    release path, which finalizers may enter from any thread."""
+
+    def __init__(
+        self,
+        options: TensorOptions,
+        *,
+        host: str,
+        owner_endpoint: str,
+        process_gone: Callable[[int], bool],
+        on_release: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        import os
+
+        self.options = options
+        self.host = host
+        self.pid = os.getpid()
+        self.owner_endpoint = owner_endpoint
+        self.leases = LeaseTable(ttl=options.lease_ttl, host=host, process_gone=process_gone)
+        self.dest = UNKNOWN
+        self.stats = TensorStats()
+        # (owner endpoint, owner pid, lease id) for each received tensor that was freed.
+        self.on_release = on_release
+        self._pool: Any = None
+        self._reader: Any = None
+        self._cuda: Any = None
+        self._issued: list[int] = []
+        self.owners: list[int] = []  # owner pids of leased tensors in the message being decoded
+        self.passthrough = (TensorLost,)  # decode errors the codec lets through untranslated
+        self.pool_waker: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+
+    # -- lazily built parts --------------------------------------------------------------
+
+    @property
+    def pool(self) -> Any:
+        if self._pool is None:
+            from ._shm import ShmPool
+
+            self._pool = ShmPool(max_bytes=self.options.shm_pool_bytes)
+            self._pool.on_free = self.pool_waker
+        return self._pool
+
+    @property
+    def reader(self) -> Any:
+        if self._reader is None:
+            from ._shm import ShmReader
+
+            self._reader = ShmReader()
+        return self._reader
+
+    @property
+    def cuda(self) -> Any:
+        if self._cuda is None:
+            from ._cuda_ipc import CudaIpcBackend
+
+            self._cuda = CudaIpcBackend(self.leases)
+        return self._cuda
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+        if self._reader is not None:
+            self._reader.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        d: dict[str, Any] = self.stats.to_dict()
+        d["leases"] = self.leases.snapshot()
+        if self._pool is not None:
+            d["pool"] = self._pool.snapshot()
+        if self._reader is not None:
+            d["mapped_segments"] = len(self._reader)
+        return d
+
+    def take_owners(self) -> list[int]:
+        owners, self.owners = self.owners, []
+        return owners
+
+    # -- the codec's encode hooks ---------------------------------------------------------
+
+    def begin(self) -> None:
+        self._issued.clear()
+
+    def abort(self) -> None:
+        """The message was not sent: take back the leases its tensors got."""
+        for lease_id in self._issued:
+            self.leases.revoke(lease_id)
+        self._issued.clear()
+
+    # -- encoding ------------------------------------------------------------------------
+
+    def encode(self, obj: Any, oob: list[Any]) -> tuple[int, bytes] | None:
+        """The ext payload for ``obj`` if it is a tensor (appending its frames), else None."""
+        path = "auto"
+        if type(obj) is Via:
+            path, obj = obj.path, obj.tensor
+        lib = lib_of(obj)
+        if lib is None:
+            return None
+        if lib == LIB_TORCH:
+            desc = self._encode_torch(obj, path, oob)
+        elif lib == LIB_NUMPY:
+            desc = self._encode_numpy(obj, path, oob)
+        else:
+            desc = self._encode_cupy(obj, oob)
+        return EXT_TENSOR, msgpack.packb(desc)
+
+    def _encode_torch(self, t: Any, path: str, oob: list[Any]) -> list[Any]:
+        torch = sys.modules["torch"]
+        if t.layout is not torch.strided or t.is_quantized or t.device.type == "meta":
+            raise TypeError(f"cannot send a {t.layout} / quantized / meta tensor: send a dense tensor "
+                            "(for example t.to_dense())")
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype not in ITEMSIZE:
+            raise TypeError(f"tensors of dtype {t.dtype} cannot travel; allowed: {', '.join(ITEMSIZE)}")
+        if t.requires_grad:
+            t = t.detach()
+        t = t.resolve_conj().resolve_neg()
+        if not t.is_contiguous():
+            t = self._contiguous(t, lambda x: x.contiguous())
+        shape = list(t.shape)
+        nbytes = t.numel() * t.element_size()
+        if t.device.type == "cuda":
+            if self.dest.same_host:
+                self.stats.cuda += 1
+                where = self._export_cuda(t, LIB_TORCH)
+                return [LIB_TORCH, dtype, shape, where]
+            self._check_cross_host(t)
+            self.stats.host_staged += 1
+            t = t.cpu()
+            return [LIB_TORCH, dtype, shape, self._place(t.data_ptr(), nbytes, t, "inline", oob), "cuda"]
+        if t.device.type != "cpu":
+            raise TypeError(f"cannot send a tensor on device {t.device}: move it to the CPU or CUDA first")
+        return [LIB_TORCH, dtype, shape, self._place(t.data_ptr(), nbytes, t, path, oob)]
+
+    def _encode_numpy(self, a: Any, path: str, oob: list[Any]) -> list[Any]:
+        np = sys.modules["numpy"]
+        dtype = a.dtype.name
+        if dtype not in ITEMSIZE or a.dtype.fields is not None:
+            raise TypeError(f"arrays of dtype {a.dtype} cannot travel; allowed: {', '.join(k for k in ITEMSIZE if k != 'bfloat16')}")
+        if not a.dtype.isnative:
+            a = self._contiguous(a, lambda x: x.astype(x.dtype.newbyteorder("=")))
+        if not a.flags.c_contiguous:
+            a = self._contiguous(a, np.ascontiguousarray)
+        address = a.__array_interface__["data"][0]
+        return [LIB_NUMPY, dtype, list(a.shape), self._place(address, a.nbytes, a, path, oob)]
+
+    def _encode_cupy(self, a: Any, oob: list[Any]) -> list[Any]:
+        cp = sys.modules["cupy"]
+        dtype = a.dtype.name
+        if dtype not in ITEMSIZE or dtype == "bfloat16":
+            raise TypeError(f"cupy arrays of dtype {a.dtype} cannot travel")
+        if not a.flags.c_contiguous:
+            a = self._contiguous(a, cp.ascontiguousarray)
+        if self.dest.same_host:
+            self.stats.cuda += 1
+            return [LIB_CUPY, dtype, list(a.shape), self._export_cuda(a, LIB_CUPY)]
+        self._check_cross_host(a)
+        self.stats.host_staged += 1
+        host = cp.asnumpy(a)
+        address = host.__array_interface__["data"][0]
+        return [LIB_CUPY, dtype, list(a.shape), self._place(address, host.nbytes, host, "inline", oob)]
+
+    def _contiguous(self, x: Any, fix: Callable[[Any], Any]) -> Any:
+        if not self.options.make_contiguous:
+            raise TypeError("cannot send a non-contiguous (or non-native byte order) tensor with "
+                            "make_contiguous=False: call .contiguous() first")
+        self.stats.contiguous_copies += 1
+        return fix(x)
+
+    def _check_cross_host(self, t: Any) -> None:
+        if self.options.cuda_cross_host == "error":
+            raise HandleNotPortable(
+                "a CUDA tensor is addressed to a process on another host, and cuda_cross_host='error': "
+                "a CUDA IPC handle is meaningless there. Move it to the CPU first, or set cuda_cross_host='copy'")
+
+    def _export_cuda(self, t: Any, lib: int) -> list[Any]:
+        where = [WHERE_CUDA, *self.cuda.export(t, lib, self.dest.consumer), self.pid, self.owner_endpoint]
+        self._issued.append(where[6])
+        return where
+
+    def _place(self, address: int, nbytes: int, keep: Any, path: str, oob: list[Any]) -> list[Any]:
+        opts = self.options
+        if path == "shm" or (path == "auto" and nbytes >= opts.inline_max and opts.shm_pool_bytes > 0):
+            if not self.dest.same_host:
+                if path == "shm":
+                    raise TypeError("via(t, 'shm') to a process on another host: shared memory only "
+                                    "works on one host")
+            else:
+                where = self._place_shm(address, nbytes, keep)
+                if where is not None:
+                    return where
+                self.stats.inline_fallbacks += 1
+        self.stats.inline += 1
+        oob.append(_view_of(address, nbytes, keep) if nbytes else b"")
+        return [WHERE_INLINE, len(oob) - 1]
+
+    def _place_shm(self, address: int, nbytes: int, keep: Any) -> list[Any] | None:
+        pool = self.pool
+        seg = pool.segment_at(address, nbytes)
+        if seg is not None:
+            # Made with cascada.empty: hand the segment itself over, no copy.
+            self.stats.shm_handoff += 1
+            offset = address - seg.address
+        else:
+            seg = pool.allocate(nbytes)
+            if seg is None:
+                policy = self.options.shm_on_exhausted
+                if policy == "inline":
+                    return None
+                if policy == "wait":
+                    raise PoolBusy()
+                raise PoolExhausted(f"the shared-memory pool ({pool.max_bytes} bytes) has no room for "
+                                    f"a {nbytes}-byte tensor and shm_on_exhausted='error'")
+            try:
+                ctypes.memmove(seg.address, address, nbytes)  # releases the GIL
+                lease_id = self.leases.issue(seg, self.dest.consumer)
+            finally:
+                seg.release()  # the allocation's own reference; the lease holds it now
+            self._issued.append(lease_id)
+            self.stats.shm += 1
+            return [WHERE_SHM, seg.name, seg.gen, 0, lease_id, self.pid, self.owner_endpoint]
+        lease_id = self.leases.issue(seg, self.dest.consumer)
+        self._issued.append(lease_id)
+        return [WHERE_SHM, seg.name, seg.gen, offset, lease_id, self.pid, self.owner_endpoint]
+
+    # -- allocation in the pool ----------------------------------------------------------
+
+    def empty(self, shape: Sequence[int], dtype: Any, lib: str) -> Any:
+        """A tensor whose memory is a pool segment: sending it to a process on this host
+        hands the segment over in O(1), without a copy."""
+        dims = _check_shape(list(shape) if not isinstance(shape, int) else [shape])
+        name = _dtype_name(dtype)
+        nbytes = math.prod(dims) * ITEMSIZE[name]
+        if self.options.shm_pool_bytes == 0:
+            raise PoolExhausted("cascada.empty needs the shared-memory pool, and shm_pool_bytes is 0")
+        seg = self.pool.allocate(max(1, nbytes))
+        if seg is None:
+            raise PoolExhausted(f"the shared-memory pool ({self.pool.max_bytes} bytes) has no room for "
+                                f"{nbytes} bytes: free pool tensors, or raise shm_pool_bytes")
+        import weakref
+
+        buf = seg.view(max(1, nbytes))
+        weakref.finalize(buf, seg.release)
+        return _build(LIB_NUMPY if lib == "numpy" else LIB_TORCH, name, dims, buf, nbytes)
+
+    # -- decoding ------------------------------------------------------------------------
+
+    def decode(self, data: bytes, frames: Sequence[Any]) -> Any:
+        try:
+            d = msgpack.unpackb(data, max_array_len=MAX_DIMS + 8, max_map_len=0, max_str_len=512,
+                                max_bin_len=4096, max_ext_len=0, use_list=True, raw=False)
+        except Exception as exc:
+            raise ProtocolError(f"bad tensor descriptor: {type(exc).__name__}: {exc}") from exc
+        if type(d) is not list or len(d) not in (4, 5):
+            raise ProtocolError("bad tensor descriptor: expected [lib, dtype, shape, where]")
+        lib, dtype, shape, where = d[:4]
+        if type(lib) is not int or not 0 <= lib <= 2:
+            raise ProtocolError(f"bad tensor descriptor: unknown library {lib!r}")
+        if type(dtype) is not str or dtype not in ITEMSIZE or (lib == LIB_CUPY and dtype == "bfloat16"):
+            raise ProtocolError(f"bad tensor descriptor: dtype {dtype!r} is not on the allowlist")
+        if type(shape) is not list:
+            raise ProtocolError("bad tensor descriptor: shape is not an array")
+        dims = _check_shape(shape)
+        nbytes = math.prod(dims) * ITEMSIZE[dtype]
+        if nbytes > MAX_TENSOR_BYTES:
+            raise ProtocolError(f"bad tensor descriptor: {nbytes} bytes")
+        if type(where) is not list or not where or type(where[0]) is not int:
+            raise ProtocolError("bad tensor descriptor: where is not [tag, ...]")
+        staged = len(d) == 5
+        if staged and d[4] != "cuda":
+            raise ProtocolError("bad tensor descriptor: unknown flag")
+        tag = where[0]
+        if tag == WHERE_INLINE:
+            if len(where) != 2 or type(where[1]) is not int or not 0 <= where[1] < len(frames):
+                raise ProtocolError("bad tensor descriptor: frame index out of range")
+            frame = frames[where[1]]
+            if len(frame) != nbytes:
+                raise ProtocolError(f"bad tensor descriptor: {dtype}{dims} needs {nbytes} bytes, "
+                                    f"the frame holds {len(frame)}")
+            buf = _writable(frame) if nbytes else None
+            self.stats.received += 1
+            if lib == LIB_CUPY:
+                host = _build(LIB_NUMPY, dtype, dims, buf, nbytes)
+                return _cupy().asarray(host)
+            out = _build(lib, dtype, dims, buf, nbytes)
+            if staged:
+                torch = _torch()
+                if torch.cuda.is_available():
+                    out = out.cuda()
+            return out
+        if tag == WHERE_SHM:
+            return self._decode_shm(lib, dtype, dims, nbytes, where)
+        if tag == WHERE_CUDA:
+            return self._decode_cuda(lib, dtype, dims, nbytes, where)
+        raise ProtocolError(f"bad tensor descriptor: unknown location tag {tag!r}")
+
+    def _decode_shm(self, lib: int, dtype: str, dims: list[int], nbytes: int, where: list[Any]) -> Any:
+        if (len(where) != 7 or type(where[1]) is not str or type(where[2]) is not int or type(where[3]) is not int
+                or type(where[4]) is not int or type(where[5]) is not int or type(where[6]) is not str
+                or where[2] < 0 or where[3] < 0 or where[4] <= 0 or where[5] <= 0):
+            raise ProtocolError("bad tensor descriptor: shm location is not "
+                                "[1, segment, generation, offset, lease, owner_pid, owner_endpoint]")
+        if lib == LIB_CUPY:
+            raise ProtocolError("bad tensor descriptor: a cupy array never travels through shm")
+        _, name, gen, offset, lease_id, owner_pid, owner_endpoint = where
+        from ._shm import ShmReader
+
+        if ShmReader.owner_of(name) != owner_pid:
+            raise ProtocolError(f"bad tensor descriptor: segment {name} does not belong to pid {owner_pid}")
+        self.owners.append(owner_pid)
+        release = self._releaser(owner_endpoint, owner_pid, lease_id)
+        try:
+            buf = self.reader.open(name, gen, offset, nbytes, release)
+        except BaseException:
+            # Never taken up: give the lease back at once rather than at its ttl.
+            release()
+            raise
+        self.stats.received += 1
+        return _build(lib, dtype, dims, buf, nbytes)
+
+    def _decode_cuda(self, lib: int, dtype: str, dims: list[int], nbytes: int, where: list[Any]) -> Any:
+        if len(where) < 4 or type(where[-2]) is not int or type(where[-1]) is not str or where[-2] <= 0:
+            raise ProtocolError("bad tensor descriptor: CUDA location without its owner")
+        from ._cuda_ipc import CudaIpcBackend
+
+        inner = where[1:-2]
+        CudaIpcBackend.validate(inner)
+        owner_pid, owner_endpoint = where[-2], where[-1]
+        lease_id = inner[5]
+        self.owners.append(owner_pid)
+        release = self._releaser(owner_endpoint, owner_pid, lease_id)
+        try:
+            out = self.cuda.open(inner, lib, dtype, tuple(dims), nbytes, release)
+        except BaseException:
+            release()
+            raise
+        self.stats.received += 1
+        return out
+
+    def _releaser(self, owner_endpoint: str, owner_pid: int, lease_id: int) -> Callable[[], None]:
+        done = [False]
+
+        def release() -> None:
+            with self._lock:
+                if done[0]:
+                    return
+                done[0] = True
+            sink = self.on_release
+            if sink is not None:
+                sink(owner_endpoint, owner_pid, lease_id)
+
+        return release
+
+
+def _check_shape(shape: list[Any]) -> list[int]:
+    if len(shape) > MAX_DIMS:
+        raise ProtocolError(f"bad tensor descriptor: {len(shape)} dimensions, over {MAX_DIMS}")
+    for n in shape:
+        if type(n) is not int or n < 0 or n > MAX_TENSOR_BYTES:
+            raise ProtocolError(f"bad tensor descriptor: dimension {n!r} is not a non-negative int")
+    return shape
+
+
+def _dtype_name(dtype: Any) -> str:
+    if isinstance(dtype, str):
+        name = dtype
+    elif type(dtype).__module__.startswith("torch"):
+        name = str(dtype).removeprefix("torch.")
+    else:
+        name = _numpy().dtype(dtype).name
+    if name not in ITEMSIZE:
+        raise ConfigurationError(f"dtype {dtype!r} is not one cascada can send; allowed: {', '.join(ITEMSIZE)}")
+    return name
+
+
+def _writable(frame: Any) -> Any:
+    """A writable ctypes view of a received zmq frame, without a copy (it keeps the frame
+    alive). A received frame belongs to this process alone, so writing to it is safe."""
+    if isinstance(frame, bytes):
+        return (ctypes.c_char * len(frame)).from_buffer_copy(frame)
+    return (ctypes.c_char * len(frame)).from_buffer(frame)
+
+
+def _build(lib: int, dtype: str, dims: list[int], buf: Any, nbytes: int) -> Any:
+    if lib == LIB_NUMPY:
+        np = _numpy()
+        if nbytes == 0:
+            return np.empty(dims, dtype=dtype)
+        a = np.frombuffer(buf, dtype=dtype, count=nbytes // ITEMSIZE[dtype]).reshape(dims)
+        return a if a.flags.aligned else a.copy()
+    torch = _torch()
+    tdtype = getattr(torch, dtype)
+    if nbytes == 0:
+        return torch.empty(dims, dtype=tdtype)
+    t = torch.frombuffer(buf, dtype=tdtype, count=nbytes // ITEMSIZE[dtype]).view(dims)
+    if ctypes.addressof(buf) % ITEMSIZE[dtype]:
+        # zmq may hand back a small frame at any offset of its receive buffer; a tensor
+        # whose elements are not naturally aligned is copied once rather than risk it.
+        t = t.clone()
+    return t
