@@ -9,15 +9,19 @@ from ._errors import (
     CascadaError,
     ConfigurationError,
     DeadlineExceeded,
+    HandleNotPortable,
+    PoolExhausted,
     ProtocolError,
     RemoteError,
     SerializationError,
     SystemClosed,
+    TensorLost,
     TransportClosed,
 )
 from ._loop import run
 from ._ref import ActorRef
-from ._system import ActorSystem, Placement, Transport
+from ._system import ActorSystem, CudaCrossHost, OnExhausted, Placement, Transport
+from ._tensor_api import TensorPath, empty, via
 
 __all__ = [
     "Actor",
@@ -28,14 +32,22 @@ __all__ = [
     "ActorSystem",
     "CascadaError",
     "ConfigurationError",
+    "CudaCrossHost",
     "DeadlineExceeded",
+    "HandleNotPortable",
+    "OnExhausted",
     "Placement",
+    "PoolExhausted",
     "ProtocolError",
     "RemoteError",
     "SerializationError",
     "SystemClosed",
+    "TensorLost",
+    "TensorPath",
     "Transport",
     "TransportClosed",
     "concurrent",
+    "empty",
     "run",
+    "via",
 ]

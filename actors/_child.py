@@ -45,7 +45,10 @@ async def _serve(header: dict[str, Any], blob: bytes) -> int:
         return {"node": node.stats_snapshot(), "pid": os.getpid(),
                 "actors": [c.snapshot() for c in node.cells.values()]}
 
-    node.control.update({"stop": stop, "exit": exit_, "stats": stats})
+    async def tensor_stats(env: Any) -> dict[str, Any]:
+        return node.tensor_stats()
+
+    node.control.update({"stop": stop, "exit": exit_, "stats": stats, "tensor_stats": tensor_stats})
 
     try:
         # The trusted spawn channel: these bytes came from our own system through the

@@ -13,6 +13,10 @@
     ├── ActorInitFailed                   the constructor or on_start raised; nothing is left running
     ├── ActorDied                         the callee died or stopped while the call was pending;
     │                                     the work may have run (indeterminate)
+    ├── TensorLost                        a tensor's owner died, or its lease expired, before
+    │                                     the message that carried it ran; it did not run
+    ├── PoolExhausted                     no room in the shared-memory pool before the deadline
+    ├── HandleNotPortable                 a CUDA tensor addressed to another host, copying off
     └── RemoteError                       the handler raised; carries the remote type, message
                                           and traceback text
 
@@ -26,8 +30,11 @@ from ..transport._errors import (
     CascadaError,
     ConfigurationError,
     DeadlineExceeded,
+    HandleNotPortable,
+    PoolExhausted,
     ProtocolError,
     SerializationError,
+    TensorLost,
     TransportClosed,
 )
 
@@ -38,10 +45,13 @@ __all__ = [
     "CascadaError",
     "ConfigurationError",
     "DeadlineExceeded",
+    "HandleNotPortable",
+    "PoolExhausted",
     "ProtocolError",
     "RemoteError",
     "SerializationError",
     "SystemClosed",
+    "TensorLost",
     "TransportClosed",
 ]
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from ..transport._endpoints import IpcDirectory, check_ipc_base, ipc_path
 from ..transport._errors import ConfigurationError
+from ..transport._shm import sweep_dead_segments
+from ..transport._tensors import DEFAULT_INLINE_MAX, TensorOptions
 from ._actor import Actor
 from ._cell import ActorCell
 from ._errors import ActorDied, ActorInitFailed, ActorNotFound, CascadaError, SystemClosed
@@ -22,6 +24,8 @@ from ._spawner import Spawner, pickle_spec
 
 Placement = Literal["process", "local"]
 Transport = Literal["ipc", "tcp"]
+OnExhausted = Literal["wait", "inline", "error"]
+CudaCrossHost = Literal["copy", "error"]
 _LOOPBACK = ("127.", "::1", "localhost")
 _PLACEMENTS = ("process", "local")
 _NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
@@ -65,6 +69,16 @@ class ActorSystem:
       lands, tcp is limited to loopback addresses.
     - ``stream_window``, ``hwm``, ``max_header_bytes``, ``max_frames``, ``max_frame_bytes``:
       flow-control and wire limits (see README).
+    - Tensors (torch, numpy, cupy) travel out of band, by one of three paths chosen per
+      tensor (see README, "Tensors"):
+      ``tensor_inline_max``: below this many bytes, or to another host, a tensor travels as a
+      zmq frame; at or above it, a CPU tensor for a process on this host goes through the
+      sender's shared-memory pool. ``shm_pool_bytes``: the bound on each process's pool (0
+      turns the pool off). ``shm_on_exhausted``: ``"wait"`` (the sender waits for a free
+      segment, up to its deadline, then PoolExhausted), ``"inline"`` (fall back to a zmq
+      frame) or ``"error"``. ``lease_ttl``: seconds after which a lease that no consumer took
+      up is reclaimed (None: only when the consumer dies). ``cuda_cross_host``: ``"copy"``
+      (stage a CUDA tensor through host memory) or ``"error"`` (HandleNotPortable).
     """
 
     def __init__(
@@ -83,6 +97,11 @@ class ActorSystem:
         max_header_bytes: int = 64 << 20,
         max_frames: int = 1024,
         max_frame_bytes: int = 1 << 30,
+        tensor_inline_max: int = DEFAULT_INLINE_MAX,
+        shm_pool_bytes: int = 1 << 30,
+        shm_on_exhausted: OnExhausted = "wait",
+        lease_ttl: float | None = 60.0,
+        cuda_cross_host: CudaCrossHost = "copy",
     ) -> None:
         if isinstance(preload, str) or not all(isinstance(m, str) and m for m in preload):
             raise ConfigurationError(f"preload must be a sequence of module names, got {preload!r}")
@@ -91,7 +110,10 @@ class ActorSystem:
                 raise ConfigurationError(f"{key} must be a positive number of seconds, got {value!r}")
         self.config = NodeConfig(hwm=hwm, max_header_bytes=max_header_bytes, max_frames=max_frames,
                                  max_frame_bytes=max_frame_bytes, mailbox_size=mailbox_size,
-                                 stream_window=stream_window, default_timeout=default_timeout)
+                                 stream_window=stream_window, default_timeout=default_timeout,
+                                 tensors=TensorOptions(inline_max=tensor_inline_max, shm_pool_bytes=shm_pool_bytes,
+                                                       shm_on_exhausted=shm_on_exhausted, lease_ttl=lease_ttl,
+                                                       cuda_cross_host=cuda_cross_host))
         if transport not in ("ipc", "tcp"):
             raise ConfigurationError(f"transport must be 'ipc' or 'tcp', got {transport!r}")
         if transport == "tcp" and not (isinstance(tcp_host, str) and tcp_host.startswith(_LOOPBACK)):
@@ -119,6 +141,7 @@ class ActorSystem:
         self._ctx_token: contextvars.Token[Node] | None = None
         self._count = 0
         self._closing = False
+        self._dead_pids: set[int] = set()  # children gone: their shm segments are swept
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -126,6 +149,7 @@ class ActorSystem:
         if self._node is not None:
             raise ConfigurationError("an ActorSystem can be entered only once")
         self._dir = IpcDirectory(self._ipc_base)
+        sweep_dead_segments()  # pools of processes SIGKILLed in earlier runs
         try:
             node = Node(f"system-{secrets.token_hex(3)}", self._new_endpoint("system"), self.config)
             await node.start()
@@ -173,6 +197,7 @@ class ActorSystem:
             if self._spawner is not None:
                 await self._spawner.close()
             await self._node.close()
+            sweep_dead_segments(pids=self._dead_pids)
             if self._dir is not None:
                 self._dir.remove()
             if self._ctx_token is not None:
@@ -317,6 +342,11 @@ class ActorSystem:
         if child is None:
             return
         self._node.peer_died(child.ref.endpoint, f"actor {name!r} (pid {pid}) {describe_exit(code)}", code)
+        self._node.process_died(pid)
+        self._dead_pids.add(pid)
+        # A SIGKILLed process cannot unlink its pool; consumers of those segments have
+        # them mapped already, or fail with TensorLost.
+        sweep_dead_segments(pids={pid})
         path = ipc_path(child.ref.endpoint)
         if path is not None and os.path.exists(path):
             try:
@@ -387,4 +417,15 @@ class ActorSystem:
             return {"node": node.stats_snapshot(), "pid": node.pid, "actors": [cell.snapshot()]}
         result: dict[str, Any] = await node.call(node.peer(ref.endpoint, ref.pid, ref.host), None, "stats", [],
                                                  timeout=timeout)
+        return result
+
+    async def tensor_stats(self, ref: ActorRef | None = None, *, timeout: float | None = None) -> dict[str, Any]:
+        """Tensor counters of an actor's process (None: this process): tensors sent by each
+        path, received, lost; leases issued, released, expired and outstanding; the pool's
+        segments, bytes and reuse counts."""
+        node = self.node
+        if ref is None or ref.endpoint == node.endpoint:
+            return node.tensor_stats()
+        result: dict[str, Any] = await node.call(node.peer(ref.endpoint, ref.pid, ref.host), None,
+                                                 "tensor_stats", [], timeout=timeout)
         return result

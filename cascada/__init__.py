@@ -27,16 +27,24 @@ from .actors import ActorRef as ActorRef
 from .actors import ActorSystem as ActorSystem
 from .actors import CascadaError as CascadaError
 from .actors import ConfigurationError as ConfigurationError
+from .actors import CudaCrossHost as CudaCrossHost
 from .actors import DeadlineExceeded as DeadlineExceeded
+from .actors import HandleNotPortable as HandleNotPortable
+from .actors import OnExhausted as OnExhausted
 from .actors import Placement as Placement
+from .actors import PoolExhausted as PoolExhausted
 from .actors import ProtocolError as ProtocolError
 from .actors import RemoteError as RemoteError
 from .actors import SerializationError as SerializationError
 from .actors import SystemClosed as SystemClosed
+from .actors import TensorLost as TensorLost
+from .actors import TensorPath as TensorPath
 from .actors import Transport as Transport
 from .actors import TransportClosed as TransportClosed
 from .actors import concurrent as concurrent
+from .actors import empty as empty
 from .actors import run as run
+from .actors import via as via
 
 __version__ = "0.1.0"
 
@@ -49,14 +57,22 @@ __all__ = [
     "ActorSystem",
     "CascadaError",
     "ConfigurationError",
+    "CudaCrossHost",
     "DeadlineExceeded",
+    "HandleNotPortable",
+    "OnExhausted",
     "Placement",
+    "PoolExhausted",
     "ProtocolError",
     "RemoteError",
     "SerializationError",
     "SystemClosed",
+    "TensorLost",
+    "TensorPath",
     "Transport",
     "TransportClosed",
     "concurrent",
+    "empty",
     "run",
+    "via",
 ]

@@ -110,6 +110,8 @@ class Segment:
         return True
 
     def destroy(self, unlink: bool = True) -> None:
+        if self.fd < 0:
+            return
         if unlink:
             try:
                 os.unlink(os.path.join(self.pool.directory, self.name))
@@ -120,6 +122,7 @@ class Segment:
         except BufferError:
             pass  # a local view is still alive; the mapping goes when it does
         os.close(self.fd)
+        self.fd = -1
 
 
 class PoolStats:

@@ -50,6 +50,8 @@ ITEMSIZE: dict[str, int] = {
 }
 MAX_DIMS = 32  # numpy's own limit is 64; nobody sends more than a handful
 MAX_TENSOR_BYTES = 1 << 46
+# Below this, a zmq frame beats the pool (measured by scripts/bench_tensors.py --crossover).
+DEFAULT_INLINE_MAX = 1 << 20
 
 PATHS = ("auto", "inline", "shm")
 ON_EXHAUSTED = ("wait", "inline", "error")
@@ -65,7 +67,7 @@ class TensorOptions:
     def __init__(
         self,
         *,
-        inline_max: int = 1 << 20,
+        inline_max: int = DEFAULT_INLINE_MAX,
         shm_pool_bytes: int = 1 << 30,
         shm_on_exhausted: str = "wait",
         lease_ttl: float | None = 60.0,
