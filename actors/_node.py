@@ -501,7 +501,7 @@ class Node:
         try:
             sent = peer.send(Kind.ASK, corr, target, method, deadline, [list(args), kwargs])
             if sent is not None:
-                await with_deadline(sent, deadline, label)
+                await peer.wait_sent(sent, deadline, label)
             return await wait_reply(fut, deadline, self.loop, label)
         finally:
             peer.calls.pop(corr, None)
@@ -681,12 +681,18 @@ class _SendQueue:
         self._items.append((args, deadline, fut))
         return fut
 
+    def owns(self, fut: asyncio.Future[None]) -> bool:
+        return any(f is fut for _a, _d, f in self._items)
+
     async def _run(self) -> None:
         node = self.node
         try:
             await asyncio.sleep(0)
             while self._items:
                 args, deadline, fut = self._items[0]
+                if fut.done():  # given up on by its sender (cancelled): it must not go
+                    self._items.popleft()
+                    continue
                 try:
                     sent = self._encode_send(*args)
                 except PoolBusy:
@@ -893,6 +899,14 @@ class Peer:
 
     def _queue_done(self) -> None:
         self._queue = None
+
+    async def wait_sent(self, sent: asyncio.Future[None], deadline: float | None, label: str) -> None:
+        """Await what send returned. A message waiting for pool room is failed by its queue at
+        the deadline, with PoolExhausted (it did not run); anything else is bounded here."""
+        if self._queue is not None and self._queue.owns(sent):
+            await sent
+        else:
+            await with_deadline(sent, deadline, label)
 
     def _send_now(self, kind: Kind, corr: int, target: str | None, method: str | None, deadline: float | None,
                   body: Any, opts: int | None = None) -> asyncio.Future[None] | None:

@@ -108,7 +108,7 @@ class ActorRef:
         peer.check_alive(self.name)
         sent = peer.send(Kind.TELL, next(node.corr), self.name, method, deadline, [list(args), kwargs or None])
         if sent is not None:
-            await with_deadline(sent, deadline, f"{self.name}.{method}")
+            await peer.wait_sent(sent, deadline, f"{self.name}.{method}")
 
     async def stream(self, method: str, /, *args: Any, timeout: float | None = None, window: int | None = None,
                      **kwargs: Any) -> AsyncIterator[Any]:
@@ -140,7 +140,7 @@ class ActorRef:
             peer.streams[corr] = sink
             sent = peer.send(Kind.STREAM, corr, self.name, method, deadline, [list(args), kwargs or None], window)
             if sent is not None:
-                await with_deadline(sent, deadline, f"{self.name}.{method}")
+                await peer.wait_sent(sent, deadline, f"{self.name}.{method}")
 
             def grant(n: int) -> None:
                 if corr in peer.streams and not peer.sock.closed:

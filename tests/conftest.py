@@ -1,8 +1,8 @@
 """Shared fixtures: uvloop, real systems per placement, and a leak check after every test.
 
 Every test is checked for what it leaves behind: child processes (any descendant of the
-test process), ipc directories, and file descriptors (zmq sockets and contexts hold fds,
-so a socket or context left open shows up here)."""
+test process), ipc directories, shared-memory segments in /dev/shm, and file descriptors
+(zmq sockets and contexts hold fds, so a socket or context left open shows up here)."""
 
 from __future__ import annotations
 
@@ -53,6 +53,23 @@ def _cascada_dirs() -> set[str]:
     return set(glob.glob(os.path.join(tempfile.gettempdir(), "cascada-*")))
 
 
+def _shm_segments() -> set[str]:
+    return set(glob.glob("/dev/shm/cascada-*"))
+
+
+def _ours(segment: str) -> bool:
+    # Segments are named cascada-<owner pid>-...: ours are this process's, or those of a
+    # process already gone (an actor of this test). A live stranger's (a benchmark running
+    # beside the suite) are not this test's doing.
+    from cascada.transport._endpoints import process_gone
+
+    try:
+        pid = int(os.path.basename(segment).split("-")[1])
+    except (IndexError, ValueError):
+        return False
+    return pid == os.getpid() or process_gone(pid)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _process_lifetime_singletons() -> None:
     """pyzmq's zero-copy garbage collector is a thread with its own context and sockets that
@@ -74,6 +91,7 @@ def _process_lifetime_singletons() -> None:
 def leak_check(_process_lifetime_singletons: None) -> Iterator[None]:
     fds_before = _fds()
     dirs_before = _cascada_dirs()
+    shm_before = _shm_segments()
     yield
     me = os.getpid()
     deadline = time.monotonic() + 3.0
@@ -87,6 +105,7 @@ def leak_check(_process_lifetime_singletons: None) -> Iterator[None]:
         except ProcessLookupError:
             pass
     new_dirs = _cascada_dirs() - dirs_before
+    new_shm = {seg for seg in _shm_segments() - shm_before if _ours(seg)}
     fds_after = _fds()
     leaked = {fd: t for fd, t in fds_after.items() if fds_before.get(fd) != t
               and (t.startswith(("socket:", "anon_inode:")) or "cascada-" in t)}
@@ -97,6 +116,10 @@ def leak_check(_process_lifetime_singletons: None) -> Iterator[None]:
         problems.append(f"ipc directories left behind: {sorted(new_dirs)}")
     if leaked:
         problems.append(f"file descriptors left open: {leaked}")
+    if new_shm:
+        for seg in new_shm:
+            os.unlink(seg)
+        problems.append(f"shared-memory segments left in /dev/shm (now removed): {sorted(new_shm)}")
     assert not problems, "; ".join(problems)
 
 

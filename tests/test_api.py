@@ -16,8 +16,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 EXPECTED = {
     "Actor", "ActorDied", "ActorInitFailed", "ActorNotFound", "ActorRef", "ActorSystem", "CascadaError",
-    "ConfigurationError", "DeadlineExceeded", "Placement", "ProtocolError", "RemoteError",
-    "SerializationError", "SystemClosed", "Transport", "TransportClosed", "concurrent", "run",
+    "ConfigurationError", "CudaCrossHost", "DeadlineExceeded", "HandleNotPortable", "OnExhausted", "Placement",
+    "PoolExhausted", "ProtocolError", "RemoteError", "SerializationError", "SystemClosed", "TensorLost",
+    "TensorPath", "Transport", "TransportClosed", "concurrent", "empty", "run", "via",
 }
 
 
@@ -29,7 +30,8 @@ def test_all_is_explicit_and_complete() -> None:
 
 def test_error_tree() -> None:
     for name in ("ActorDied", "ActorInitFailed", "ActorNotFound", "ConfigurationError", "DeadlineExceeded",
-                 "ProtocolError", "RemoteError", "SerializationError", "SystemClosed", "TransportClosed"):
+                 "ProtocolError", "RemoteError", "SerializationError", "SystemClosed", "TransportClosed",
+                 "TensorLost", "PoolExhausted", "HandleNotPortable"):
         assert issubclass(getattr(cascada, name), cascada.CascadaError)
     assert issubclass(cascada.DeadlineExceeded, TimeoutError)
     assert issubclass(cascada.ActorNotFound, LookupError)

@@ -19,6 +19,7 @@ process that dies. Lifetime rules in full: ``TENSOR_LIFETIMES.md``.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import fcntl
 import mmap
@@ -39,14 +40,14 @@ SHM_DIR = "/dev/shm"
 HEADER = 64  # keeps the data 64-byte aligned
 _MAGIC = b"CSCDSHM1"
 _HEADER_FMT = "<8sQ"  # magic, generation
-_NAME = re.compile(r"^cascada-(\d{1,10})-[0-9a-f]{8}-\d{1,10}$")
+_NAME = re.compile(r"cascada-(\d{1,10})-[0-9a-f]{8}-\d{1,10}")  # always fullmatch
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def size_class(nbytes: int) -> int:
     """The capacity a tensor of ``nbytes`` gets: rounded up by at most 1/8 (and to 64 KiB),
     so tensors of one shape always reuse the same segments and waste stays under 12.5%."""
-    step = max(64 << 10, (1 << max(0, (nbytes - 1).bit_length())) >> 3)
+    step = max(64 << 10, (1 << max(0, nbytes.bit_length() - 1)) >> 3)
     return -(-nbytes // step) * step
 
 
@@ -160,6 +161,8 @@ class ShmPool:
         self._free: dict[int, list[Segment]] = {}
         self._free_lru: OrderedDict[Segment, None] = OrderedDict()  # oldest first, for eviction
         self._all: dict[str, Segment] = {}
+        self._starts: list[int] = []  # data addresses, sorted: which segment holds a pointer
+        self._by_start: dict[int, Segment] = {}
         self._fencing: list[Segment] = []  # free but a reader still held the lock
         self.closed = False
 
@@ -214,12 +217,16 @@ class ShmPool:
             raise
         seg = Segment(self, name, cap, fd, mm)
         self._all[name] = seg
+        bisect.insort(self._starts, seg.address)
+        self._by_start[seg.address] = seg
         self._bytes += cap + HEADER
         self.stats.created += 1
         return seg
 
     def _forget(self, seg: Segment) -> None:
         del self._all[seg.name]
+        self._starts.remove(seg.address)
+        del self._by_start[seg.address]
         self._bytes -= seg.capacity + HEADER
         seg.destroy()
 
@@ -258,9 +265,13 @@ class ShmPool:
         """The segment whose data area holds [address, address + nbytes), if any: a tensor
         made with ``cascada.empty`` is handed over without a copy."""
         with self.lock:
-            for seg in self._all.values():
-                if seg.refs > 0 and seg.address <= address and address + nbytes <= seg.address + seg.capacity:
-                    return seg
+            starts = self._starts
+            i = bisect.bisect_right(starts, address) - 1
+            if i < 0:
+                return None
+            seg = self._by_start[starts[i]]
+            if seg.refs > 0 and address + nbytes <= seg.address + seg.capacity:
+                return seg
         return None
 
     def snapshot(self) -> dict[str, int]:
@@ -282,6 +293,8 @@ class ShmPool:
             for seg in list(self._all.values()):
                 seg.destroy()
             self._all.clear()
+            self._starts.clear()
+            self._by_start.clear()
             self._free.clear()
             self._free_lru.clear()
             self._fencing.clear()
@@ -313,7 +326,7 @@ class ShmReader:
 
     @staticmethod
     def owner_of(name: str) -> int:
-        m = _NAME.match(name)
+        m = _NAME.fullmatch(name)
         if m is None:
             raise ProtocolError(f"bad shm segment name {name!r}")
         return int(m.group(1))
@@ -441,7 +454,7 @@ def sweep_dead_segments(directory: str = SHM_DIR, pids: set[int] | None = None) 
         return removed
     uid = os.getuid()
     for name in names:
-        m = _NAME.match(name)
+        m = _NAME.fullmatch(name)
         if m is None:
             continue
         pid = int(m.group(1))

@@ -383,7 +383,12 @@ class TensorCodec:
 
     def _place(self, address: int, nbytes: int, keep: Any, path: str, oob: list[Any]) -> list[Any]:
         opts = self.options
-        if path == "shm" or (path == "auto" and nbytes >= opts.inline_max and opts.shm_pool_bytes > 0):
+        if nbytes and path == "auto" and self._pool is not None and self.dest.same_host:
+            # A tensor made in the pool (cascada.empty) is handed over whatever its size.
+            seg = self._pool.segment_at(address, nbytes)
+            if seg is not None:
+                return self._hand_off(seg, address)
+        if nbytes and (path == "shm" or (path == "auto" and nbytes >= opts.inline_max and opts.shm_pool_bytes > 0)):
             if not self.dest.same_host:
                 if path == "shm":
                     raise TypeError("via(t, 'shm') to a process on another host: shared memory only "
@@ -401,9 +406,7 @@ class TensorCodec:
         pool = self.pool
         seg = pool.segment_at(address, nbytes)
         if seg is not None:
-            # Made with cascada.empty: hand the segment itself over, no copy.
-            self.stats.shm_handoff += 1
-            offset = address - seg.address
+            return self._hand_off(seg, address)
         else:
             seg = pool.allocate(nbytes)
             if seg is None:
@@ -422,9 +425,13 @@ class TensorCodec:
             self._issued.append(lease_id)
             self.stats.shm += 1
             return [WHERE_SHM, seg.name, seg.gen, 0, lease_id, self.pid, self.owner_endpoint]
+
+    def _hand_off(self, seg: Any, address: int) -> list[Any]:
+        """Made with cascada.empty: lease the segment itself, no copy."""
+        self.stats.shm_handoff += 1
         lease_id = self.leases.issue(seg, self.dest.consumer)
         self._issued.append(lease_id)
-        return [WHERE_SHM, seg.name, seg.gen, offset, lease_id, self.pid, self.owner_endpoint]
+        return [WHERE_SHM, seg.name, seg.gen, address - seg.address, lease_id, self.pid, self.owner_endpoint]
 
     # -- allocation in the pool ----------------------------------------------------------
 
@@ -459,14 +466,16 @@ class TensorCodec:
         lib, dtype, shape, where = d[:4]
         if type(lib) is not int or not 0 <= lib <= 2:
             raise ProtocolError(f"bad tensor descriptor: unknown library {lib!r}")
-        if type(dtype) is not str or dtype not in ITEMSIZE or (lib == LIB_CUPY and dtype == "bfloat16"):
+        if type(dtype) is not str or dtype not in ITEMSIZE or (lib != LIB_TORCH and dtype == "bfloat16"):
             raise ProtocolError(f"bad tensor descriptor: dtype {dtype!r} is not on the allowlist")
         if type(shape) is not list:
             raise ProtocolError("bad tensor descriptor: shape is not an array")
         dims = _check_shape(shape)
         nbytes = math.prod(dims) * ITEMSIZE[dtype]
-        if nbytes > MAX_TENSOR_BYTES:
-            raise ProtocolError(f"bad tensor descriptor: {nbytes} bytes")
+        # Zero dimensions make nbytes 0 whatever the others say; bound those too, or the
+        # library's own size arithmetic overflows on an empty tensor.
+        if math.prod(n for n in dims if n) * ITEMSIZE[dtype] > MAX_TENSOR_BYTES:
+            raise ProtocolError(f"bad tensor descriptor: shape {dims} is too large")
         if type(where) is not list or not where or type(where[0]) is not int:
             raise ProtocolError("bad tensor descriptor: where is not [tag, ...]")
         staged = len(d) == 5
@@ -510,14 +519,11 @@ class TensorCodec:
 
         if ShmReader.owner_of(name) != owner_pid:
             raise ProtocolError(f"bad tensor descriptor: segment {name} does not belong to pid {owner_pid}")
+        _check_owner(owner_endpoint)
         self.owners.append(owner_pid)
-        release = self._releaser(owner_endpoint, owner_pid, lease_id)
-        try:
-            buf = self.reader.open(name, gen, offset, nbytes, release)
-        except BaseException:
-            # Never taken up: give the lease back at once rather than at its ttl.
-            release()
-            raise
+        # If the open fails, no release is sent: the segment is gone or recycled (the lease
+        # has ended), or the descriptor was bad; the owner expires what is left.
+        buf = self.reader.open(name, gen, offset, nbytes, self._releaser(owner_endpoint, owner_pid, lease_id))
         self.stats.received += 1
         return _build(lib, dtype, dims, buf, nbytes)
 
@@ -529,6 +535,7 @@ class TensorCodec:
         inner = where[1:-2]
         CudaIpcBackend.validate(inner)
         owner_pid, owner_endpoint = where[-2], where[-1]
+        _check_owner(owner_endpoint)
         lease_id = inner[5]
         self.owners.append(owner_pid)
         release = self._releaser(owner_endpoint, owner_pid, lease_id)
@@ -553,6 +560,15 @@ class TensorCodec:
                 sink(owner_endpoint, owner_pid, lease_id)
 
         return release
+
+
+def _check_owner(endpoint: str) -> None:
+    from ._endpoints import check_endpoint
+
+    try:
+        check_endpoint(endpoint)
+    except ConfigurationError as exc:
+        raise ProtocolError(f"bad tensor descriptor: owner endpoint: {exc}") from exc
 
 
 def _check_shape(shape: list[Any]) -> list[int]:
