@@ -567,13 +567,17 @@ class Node:
             self._sweeper = self.tasks.spawn(self._sweep_leases(), name="lease sweeper")
 
     async def _sweep_leases(self) -> None:
-        leases = self.tensors.leases
+        tensors = self.tensors
+        leases = tensors.leases
         while len(leases) and not self.closed:
             await asyncio.sleep(LEASE_SWEEP_INTERVAL)
             leases.sweep()
-            pool = self.tensors._pool
-            if pool is not None:
-                pool.sweep()
+            if tensors._pool is not None:
+                tensors._pool.sweep()
+            if tensors._cuda is not None:
+                tensors._cuda.collect()
+        if tensors._cuda is not None and not self.closed:
+            tensors._cuda.collect(force=True)  # the last leases' blocks leave torch's limbo
 
     def _wake_room(self) -> None:
         """A pool segment came free (any thread): wake senders waiting for room."""

@@ -41,6 +41,7 @@ HEADER = 64  # keeps the data 64-byte aligned
 _MAGIC = b"CSCDSHM1"
 _HEADER_FMT = "<8sQ"  # magic, generation
 _NAME = re.compile(r"cascada-(\d{1,10})-[0-9a-f]{8}-\d{1,10}")  # always fullmatch
+_TORCH_COUNTS = re.compile(r"torch_(\d{1,10})_\d{1,20}_\d{1,20}")
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
@@ -444,7 +445,8 @@ def _unmap(mapped: _Mapped) -> None:
 
 def sweep_dead_segments(directory: str = SHM_DIR, pids: set[int] | None = None) -> list[str]:
     """Unlink segments whose owner process is gone (SIGKILLed owners cannot clean up).
-    With ``pids``, only those owners' segments are considered. Only this user's files."""
+    With ``pids`` (processes of ours known to be dead), only those owners' files are
+    considered, torch's CUDA IPC count files among them. Only this user's files."""
     from ._endpoints import process_gone
 
     removed: list[str] = []
@@ -455,6 +457,9 @@ def sweep_dead_segments(directory: str = SHM_DIR, pids: set[int] | None = None) 
     uid = os.getuid()
     for name in names:
         m = _NAME.fullmatch(name)
+        if m is None and pids is not None:
+            # torch's CUDA IPC count files of a process of ours that was SIGKILLed.
+            m = _TORCH_COUNTS.fullmatch(name)
         if m is None:
             continue
         pid = int(m.group(1))

@@ -182,7 +182,7 @@ def _view_of(address: int, nbytes: int, keep: Any) -> Any:
 
 class TensorStats:
     __slots__ = ("inline", "shm", "shm_handoff", "cuda", "contiguous_copies", "host_staged", "received",
-                 "lost", "inline_fallbacks")
+                 "lost", "inline_fallbacks", "export_fallbacks")
 
     def __init__(self) -> None:
         self.inline = 0  # sent as zmq frames
@@ -194,6 +194,7 @@ class TensorStats:
         self.received = 0
         self.lost = 0  # received messages failed with TensorLost
         self.inline_fallbacks = 0  # pool full with shm_on_exhausted="inline"
+        self.export_fallbacks = 0  # CUDA memory IPC could not export, staged through the host
 
     def to_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -323,11 +324,14 @@ class TensorCodec:
         shape = list(t.shape)
         nbytes = t.numel() * t.element_size()
         if t.device.type == "cuda":
-            if self.dest.same_host:
-                self.stats.cuda += 1
+            if self.dest.same_host and nbytes:
                 where = self._export_cuda(t, LIB_TORCH)
-                return [LIB_TORCH, dtype, shape, where]
-            self._check_cross_host(t)
+                if where is not None:
+                    return [LIB_TORCH, dtype, shape, where]
+            else:
+                self._check_cross_host(t)
+            # Another host, an empty tensor, or memory CUDA IPC cannot export: through host
+            # memory, and back onto a GPU at the receiver.
             self.stats.host_staged += 1
             t = t.cpu()
             return [LIB_TORCH, dtype, shape, self._place(t.data_ptr(), nbytes, t, "inline", oob), "cuda"]
@@ -354,10 +358,12 @@ class TensorCodec:
             raise TypeError(f"cupy arrays of dtype {a.dtype} cannot travel")
         if not a.flags.c_contiguous:
             a = self._contiguous(a, cp.ascontiguousarray)
-        if self.dest.same_host:
-            self.stats.cuda += 1
-            return [LIB_CUPY, dtype, list(a.shape), self._export_cuda(a, LIB_CUPY)]
-        self._check_cross_host(a)
+        if self.dest.same_host and a.nbytes:
+            where = self._export_cuda(a, LIB_CUPY)
+            if where is not None:
+                return [LIB_CUPY, dtype, list(a.shape), where]
+        else:
+            self._check_cross_host(a)
         self.stats.host_staged += 1
         host = cp.asnumpy(a)
         address = host.__array_interface__["data"][0]
@@ -376,8 +382,20 @@ class TensorCodec:
                 "a CUDA tensor is addressed to a process on another host, and cuda_cross_host='error': "
                 "a CUDA IPC handle is meaningless there. Move it to the CPU first, or set cuda_cross_host='copy'")
 
-    def _export_cuda(self, t: Any, lib: int) -> list[Any]:
-        where = [WHERE_CUDA, *self.cuda.export(t, lib, self.dest.consumer), self.pid, self.owner_endpoint]
+    def _export_cuda(self, t: Any, lib: int) -> list[Any] | None:
+        """The CUDA IPC location, or None when this memory cannot be exported (an async
+        allocator's pool): the caller then stages it through host memory."""
+        from ._errors import SerializationError
+
+        try:
+            fields = self.cuda.export(t, lib, self.dest.consumer)
+        except SerializationError as exc:
+            if "same process" in str(exc):
+                raise
+            self.stats.export_fallbacks += 1
+            return None
+        self.stats.cuda += 1
+        where = [WHERE_CUDA, *fields, self.pid, self.owner_endpoint]
         self._issued.append(where[6])
         return where
 
