@@ -18,6 +18,14 @@ ensure_venv() {
             [[ -n $have ]] && exit 0
         fi
         echo "${0##*/}: installing cascada${need:+[$need]} into .venv (new .venv, or pyproject.toml changed)" >&2
+        if [[ ",$need," == *",torch,"* ]] && ! .venv/bin/python -c "import torch" 2>/dev/null; then
+            # A bare "torch" requirement pulls a multi-GB CUDA build from PyPI. Take the
+            # release named by CASCADA_TORCH first (default 2.13.0, whose CPU build the project's
+            # machines keep on disk); the extra's range is then already met. Install your own
+            # torch into .venv beforehand to keep it.
+            .venv/bin/pip install -q "${CASCADA_TORCH:-torch==2.13.0}" 2>&1 \
+                | { grep -v "^WARNING: Location '.*' is ignored" || true; } >&2
+        fi
         # pip warns about every configured local index it skips; only that line is noise.
         .venv/bin/pip install -q -e ".${need:+[$need]}" 2>&1 \
             | { grep -v "^WARNING: Location '.*' is ignored" || true; } >&2
