@@ -12,6 +12,7 @@ import traceback
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from ..transport._tensors import Via, unwrap_via
 from ..transport._wire import Kind
 from ._errors import RemoteError
 
@@ -98,7 +99,7 @@ class LocalReply(Reply):
 
     def ok(self, value: Any) -> None:
         if not self.fut.done():
-            self.fut.set_result(value)
+            self.fut.set_result(unwrap_via(value) if Via.live else value)
         return None
 
     def fail(self, exc: BaseException, code: str) -> None:
@@ -176,7 +177,7 @@ class StreamSink(Reply):
             w.set_result(None)
 
     def item(self, value: Any) -> None:
-        self._items.append(value)
+        self._items.append(unwrap_via(value) if Via.live else value)
         self._wake()
         return None
 

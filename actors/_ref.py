@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from ..transport._errors import DeadlineExceeded
+from ..transport._tensors import Via, unwrap_via
 from ..transport._wire import Kind
 from ._errors import SystemClosed
 from ._node import wait_reply, with_deadline
@@ -80,6 +81,8 @@ class ActorRef:
             cell = node.cells.get(self.name)
             if cell is None:
                 raise _not_here(self, node)
+            if Via.live:
+                args, kwargs = unwrap_via(args), unwrap_via(kwargs)
             fut: asyncio.Future[Any] = node.loop.create_future()
             msg = Message(Kind.ASK, method, args, kwargs or None, deadline, LocalReply(fut, self.name, method))
             if not cell.offer(msg):
@@ -100,6 +103,8 @@ class ActorRef:
             cell = node.cells.get(self.name)
             if cell is None:
                 raise _not_here(self, node)
+            if Via.live:
+                args, kwargs = unwrap_via(args), unwrap_via(kwargs)
             msg = Message(Kind.TELL, method, args, kwargs or None, deadline, None)
             if not cell.offer(msg):
                 await with_deadline(cell.put(msg), deadline, f"{self.name}.{method}")
@@ -126,6 +131,8 @@ class ActorRef:
             cell = node.cells.get(self.name)
             if cell is None:
                 raise _not_here(self, node)
+            if Via.live:
+                args, kwargs = unwrap_via(args), unwrap_via(kwargs)
             sink = StreamSink(self.name, method)
             credit = StreamCredit(window)
             msg = Message(Kind.STREAM, method, args, kwargs or None, deadline, sink, credit)

@@ -439,3 +439,14 @@ async def test_hostile_tensor_descriptors_leave_the_actor_serving() -> None:
                          11: "protocol"}
         assert await ref.ask("total", torch.ones(3)) == 3.0  # same process, still serving
         assert (await system.stats(ref))["pid"] == ref.pid
+
+
+async def test_via_chooses_the_path_and_is_invisible_to_the_receiver(system: cascada.ActorSystem, spawn: Any,
+                                                                     placement: str) -> None:
+    ref = await spawn(Sink)
+    t = torch.arange(3 * MiB // 4, dtype=torch.float32)
+    got = await ref.ask("echo", {"a": [cascada.via(t, "inline")], "b": (cascada.via(t[:4], "shm"),)})
+    assert torch.equal(got["a"][0], t) and torch.equal(got["b"][0], t[:4])
+    if placement != "local":
+        stats = await system.tensor_stats()
+        assert stats["inline"] >= 1 and stats["shm"] >= 1  # 3 MiB inline, 16 bytes through the pool

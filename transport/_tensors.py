@@ -115,9 +115,11 @@ UNKNOWN = Destination(False, ("", 0))
 
 
 class Via:
-    """A tensor with its path chosen by the caller: ``cascada.via(t, "inline")``."""
+    """A tensor with its path chosen by the caller: ``cascada.via(t, "inline")``. The
+    receiver gets the tensor itself; inside one process the wrapper is simply removed."""
 
     __slots__ = ("tensor", "path")
+    live = 0  # how many exist: while none do, local delivery skips looking for them
 
     def __init__(self, tensor: Any, path: str) -> None:
         if path not in PATHS:
@@ -126,6 +128,26 @@ class Via:
             raise ConfigurationError(f"cascada.via() takes a torch tensor, numpy array or cupy array, not {type(tensor).__name__}")
         self.tensor = tensor
         self.path = path
+        Via.live += 1
+
+    def __del__(self) -> None:
+        Via.live -= 1
+
+
+def unwrap_via(value: Any, depth: int = 0) -> Any:
+    """``value`` with every Via replaced by its tensor (for delivery inside one process)."""
+    t = type(value)
+    if t is Via:
+        return value.tensor
+    if depth > 64:
+        return value
+    if t is list:
+        return [unwrap_via(v, depth + 1) for v in value]
+    if t is tuple:
+        return tuple(unwrap_via(v, depth + 1) for v in value)
+    if t is dict:
+        return {k: unwrap_via(v, depth + 1) for k, v in value.items()}
+    return value
 
 
 class PoolBusy(Exception):
