@@ -45,6 +45,23 @@ _TORCH_COUNTS = re.compile(r"torch_(\d{1,10})_\d{1,20}_\d{1,20}")
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
+_OWNERS: dict[str, int] = {}
+
+
+def owner_of(name: str) -> int:
+    """The owner pid in a segment name; ProtocolError for anything but a pool name."""
+    pid = _OWNERS.get(name)
+    if pid is None:
+        m = _NAME.fullmatch(name)
+        if m is None:
+            raise ProtocolError(f"bad shm segment name {name!r}")
+        pid = int(m.group(1))
+        if len(_OWNERS) > 4096:
+            _OWNERS.clear()
+        _OWNERS[name] = pid
+    return pid
+
+
 def size_class(nbytes: int) -> int:
     """The capacity a tensor of ``nbytes`` gets: rounded up by at most 1/8 (and to 64 KiB),
     so tensors of one shape always reuse the same segments and waste stays under 12.5%."""
@@ -327,15 +344,12 @@ class ShmReader:
 
     @staticmethod
     def owner_of(name: str) -> int:
-        m = _NAME.fullmatch(name)
-        if m is None:
-            raise ProtocolError(f"bad shm segment name {name!r}")
-        return int(m.group(1))
+        return owner_of(name)
 
     def open(self, name: str, gen: int, offset: int, nbytes: int, on_release: Callable[[], None]) -> Any:
         """A writable buffer over the tensor's bytes. ``on_release`` runs once, on whatever
         thread frees the last view, after this process has let go of the segment."""
-        self.owner_of(name)  # validates the name: no path tricks
+        owner_of(name)  # validates the name: no path tricks
         with self._lock:
             mapped = self._maps.get(name)
             if mapped is None:

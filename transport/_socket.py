@@ -35,16 +35,6 @@ _ZEROCOPY_MIN = 64 * 1024
 _BATCH_MAX = 64  # messages per batch frame
 
 
-def _poll_trackers(loop: asyncio.AbstractEventLoop, trackers: list[Any], fut: asyncio.Future[None],
-                   delay: float) -> None:
-    if fut.done():
-        return
-    if all(t.done for t in trackers):
-        fut.set_result(None)
-        return
-    loop.call_later(delay, _poll_trackers, loop, trackers, fut, min(delay * 2, 2e-3))
-
-
 class Unroutable(Exception):
     """Private: a ROUTER could not route a message (the peer is gone). Never leaves the
     package: callers turn it into a counted drop or a typed error."""
@@ -104,6 +94,10 @@ class AsyncSocket:
         self._batching = batching
         self._batches: dict[bytes | None, list[bytes]] = {}
         self.unroutable = 0  # batched messages dropped because their peer was gone
+        # Senders held until zmq lets go of their zero-copy frames (see _hold).
+        self._holds: list[tuple[list[Any], asyncio.Future[None]]] = []
+        self._hold_check_scheduled = False
+        self._hold_since = 0.0
         loop.add_reader(self._fd, self._on_ready)
         # Messages may already be waiting (the edge fired before we watched the FD).
         self._schedule_drain()
@@ -121,6 +115,8 @@ class AsyncSocket:
             return
         get = self._get
         self._in_drain = True
+        if self._holds:
+            self._check_holds(from_timer=False)
         try:
             if self._batches:
                 self._flush_batches()
@@ -305,12 +301,43 @@ class AsyncSocket:
         return trackers
 
     def _hold(self, trackers: list[Any], fut: asyncio.Future[None] | None = None) -> asyncio.Future[None]:
-        """A future that resolves once zmq has let go of every tracked frame. pyzmq signals
-        that on a threading.Event from its own thread, so it is polled, backing off."""
+        """A future that resolves once zmq has let go of every tracked frame.
+
+        pyzmq signals that on a threading.Event set from its own thread, which cannot wake
+        the loop, so holds are checked: on every later loop iteration for the first half
+        millisecond (an ipc write is done within tens of microseconds), on every wake-up of
+        this socket (a reply arriving), and then every millisecond. Sub-millisecond timers
+        are not used: uvloop fires them at once and asyncio rounds them up to ~1 ms."""
         if fut is None:
             fut = self._loop.create_future()
-        _poll_trackers(self._loop, trackers, fut, 50e-6)
+        if all(t.done for t in trackers):
+            fut.set_result(None)
+            return fut
+        self._holds.append((trackers, fut))
+        if not self._hold_check_scheduled:
+            self._hold_check_scheduled = True
+            self._hold_since = self._loop.time()
+            self._loop.call_soon(self._check_holds)
         return fut
+
+    def _check_holds(self, from_timer: bool = True) -> None:
+        if from_timer:
+            self._hold_check_scheduled = False
+        still = []
+        for trackers, fut in self._holds:
+            if fut.done():
+                continue
+            if all(t.done for t in trackers):
+                fut.set_result(None)
+            else:
+                still.append((trackers, fut))
+        self._holds = still
+        if still and not self._hold_check_scheduled and not self.closed:
+            self._hold_check_scheduled = True
+            if self._loop.time() - self._hold_since < 0.0005:
+                self._loop.call_soon(self._check_holds)
+            else:
+                self._loop.call_later(0.001, self._check_holds)
 
     def _flush(self) -> None:
         while self._pending:
@@ -350,6 +377,10 @@ class AsyncSocket:
         except (ValueError, OSError, RuntimeError):
             pass  # the loop is already closed; the FD goes with the socket below
         self._batches.clear()
+        for _trackers, held in self._holds:
+            if not held.done():
+                held.set_exception(TransportClosed("socket closed while zmq still held a zero-copy frame"))
+        self._holds = []
         while self._pending:
             _, fut = self._pending.popleft()
             if fut is not None and not fut.done():

@@ -51,7 +51,7 @@ ITEMSIZE: dict[str, int] = {
 MAX_DIMS = 32  # numpy's own limit is 64; nobody sends more than a handful
 MAX_TENSOR_BYTES = 1 << 46
 # Below this, a zmq frame beats the pool (measured by scripts/bench_tensors.py --crossover).
-DEFAULT_INLINE_MAX = 1 << 20
+DEFAULT_INLINE_MAX = 1 << 18
 
 PATHS = ("auto", "inline", "shm")
 ON_EXHAUSTED = ("wait", "inline", "error")
@@ -177,6 +177,22 @@ def _torch() -> Any:
     import torch
 
     return torch
+
+
+_TORCH_DTYPES: dict[Any, str] = {}  # torch.dtype -> its name on the allowlist
+_TORCH_BY_NAME: dict[str, Any] = {}
+
+
+def _torch_dtype_name(dtype: Any) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in ITEMSIZE:
+        raise TypeError(f"tensors of dtype {dtype} cannot travel; allowed: {', '.join(ITEMSIZE)}")
+    _TORCH_DTYPES[dtype] = name
+    return name
+
+
+def _strided() -> Any:
+    return sys.modules["torch"].strided
 
 
 def _numpy() -> Any:
@@ -331,35 +347,41 @@ class TensorCodec:
         return EXT_TENSOR, msgpack.packb(desc)
 
     def _encode_torch(self, t: Any, path: str, oob: list[Any]) -> list[Any]:
-        torch = sys.modules["torch"]
-        if t.layout is not torch.strided or t.is_quantized or t.device.type == "meta":
-            raise TypeError(f"cannot send a {t.layout} / quantized / meta tensor: send a dense tensor "
+        dtype = _TORCH_DTYPES.get(t.dtype)
+        if dtype is None:
+            dtype = _torch_dtype_name(t.dtype)
+        if not t.is_cpu:
+            if t.is_cuda:
+                return self._encode_torch_cuda(t, dtype, oob)
+            raise TypeError(f"cannot send a tensor on device {t.device}: move it to the CPU or CUDA first")
+        if t.layout is not _strided() or t.is_quantized:
+            raise TypeError(f"cannot send a {t.layout} or quantized tensor: send a dense tensor "
                             "(for example t.to_dense())")
-        dtype = str(t.dtype).removeprefix("torch.")
-        if dtype not in ITEMSIZE:
-            raise TypeError(f"tensors of dtype {t.dtype} cannot travel; allowed: {', '.join(ITEMSIZE)}")
         if t.requires_grad:
             t = t.detach()
-        t = t.resolve_conj().resolve_neg()
+        if t.is_conj() or t.is_neg():
+            t = t.resolve_conj().resolve_neg()
+        if not t.is_contiguous():
+            t = self._contiguous(t, lambda x: x.contiguous())
+        return [LIB_TORCH, dtype, list(t.shape), self._place(t.data_ptr(), t.nbytes, t, path, oob)]
+
+    def _encode_torch_cuda(self, t: Any, dtype: str, oob: list[Any]) -> list[Any]:
+        t = t.detach().resolve_conj().resolve_neg()
         if not t.is_contiguous():
             t = self._contiguous(t, lambda x: x.contiguous())
         shape = list(t.shape)
-        nbytes = t.numel() * t.element_size()
-        if t.device.type == "cuda":
-            if self.dest.same_host and nbytes:
-                where = self._export_cuda(t, LIB_TORCH)
-                if where is not None:
-                    return [LIB_TORCH, dtype, shape, where]
-            else:
-                self._check_cross_host(t)
-            # Another host, an empty tensor, or memory CUDA IPC cannot export: through host
-            # memory, and back onto a GPU at the receiver.
-            self.stats.host_staged += 1
-            t = t.cpu()
-            return [LIB_TORCH, dtype, shape, self._place(t.data_ptr(), nbytes, t, "inline", oob), "cuda"]
-        if t.device.type != "cpu":
-            raise TypeError(f"cannot send a tensor on device {t.device}: move it to the CPU or CUDA first")
-        return [LIB_TORCH, dtype, shape, self._place(t.data_ptr(), nbytes, t, path, oob)]
+        nbytes = t.nbytes
+        if self.dest.same_host and nbytes:
+            where = self._export_cuda(t, LIB_TORCH)
+            if where is not None:
+                return [LIB_TORCH, dtype, shape, where]
+        else:
+            self._check_cross_host(t)
+        # Another host, an empty tensor, or memory CUDA IPC cannot export: through host
+        # memory, and back onto a GPU at the receiver.
+        self.stats.host_staged += 1
+        t = t.cpu()
+        return [LIB_TORCH, dtype, shape, self._place(t.data_ptr(), nbytes, t, "inline", oob), "cuda"]
 
     def _encode_numpy(self, a: Any, path: str, oob: list[Any]) -> list[Any]:
         np = sys.modules["numpy"]
@@ -555,9 +577,9 @@ class TensorCodec:
         if lib == LIB_CUPY:
             raise ProtocolError("bad tensor descriptor: a cupy array never travels through shm")
         _, name, gen, offset, lease_id, owner_pid, owner_endpoint = where
-        from ._shm import ShmReader
+        from ._shm import owner_of
 
-        if ShmReader.owner_of(name) != owner_pid:
+        if owner_of(name) != owner_pid:
             raise ProtocolError(f"bad tensor descriptor: segment {name} does not belong to pid {owner_pid}")
         _check_owner(owner_endpoint)
         self.owners.append(owner_pid)
@@ -602,13 +624,21 @@ class TensorCodec:
         return release
 
 
+_GOOD_OWNERS: set[str] = set()
+
+
 def _check_owner(endpoint: str) -> None:
+    if endpoint in _GOOD_OWNERS:
+        return
     from ._endpoints import check_endpoint
 
     try:
         check_endpoint(endpoint)
     except ConfigurationError as exc:
         raise ProtocolError(f"bad tensor descriptor: owner endpoint: {exc}") from exc
+    if len(_GOOD_OWNERS) > 4096:
+        _GOOD_OWNERS.clear()
+    _GOOD_OWNERS.add(endpoint)
 
 
 def _check_shape(shape: list[Any]) -> list[int]:
@@ -647,8 +677,10 @@ def _build(lib: int, dtype: str, dims: list[int], buf: Any, nbytes: int) -> Any:
             return np.empty(dims, dtype=dtype)
         a = np.frombuffer(buf, dtype=dtype, count=nbytes // ITEMSIZE[dtype]).reshape(dims)
         return a if a.flags.aligned else a.copy()
-    torch = _torch()
-    tdtype = getattr(torch, dtype)
+    tdtype = _TORCH_BY_NAME.get(dtype)
+    if tdtype is None:
+        tdtype = _TORCH_BY_NAME[dtype] = getattr(_torch(), dtype)
+    torch = sys.modules["torch"]
     if nbytes == 0:
         return torch.empty(dims, dtype=tdtype)
     t = torch.frombuffer(buf, dtype=tdtype, count=nbytes // ITEMSIZE[dtype]).view(dims)
