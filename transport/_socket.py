@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
@@ -33,6 +34,28 @@ _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
 _ZEROCOPY_MIN = 64 * 1024
 _BATCH_MAX = 64  # messages per batch frame
+
+
+class _Hold:
+    """Counts down the zero-copy frames of one message as zmq lets go of them."""
+
+    __slots__ = ("loop", "fut", "left", "__weakref__")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None], n: int) -> None:
+        self.loop = loop
+        self.fut = fut
+        self.left = n
+
+    def one_done(self) -> None:  # any thread: pyzmq's collector, or ours
+        try:
+            self.loop.call_soon_threadsafe(self._done)
+        except RuntimeError:
+            pass  # the loop is closed; nobody waits any more
+
+    def _done(self) -> None:
+        self.left -= 1
+        if self.left == 0 and not self.fut.done():
+            self.fut.set_result(None)
 
 
 class Unroutable(Exception):
@@ -95,9 +118,7 @@ class AsyncSocket:
         self._batches: dict[bytes | None, list[bytes]] = {}
         self.unroutable = 0  # batched messages dropped because their peer was gone
         # Senders held until zmq lets go of their zero-copy frames (see _hold).
-        self._holds: list[tuple[list[Any], asyncio.Future[None]]] = []
-        self._hold_check_scheduled = False
-        self._hold_since = 0.0
+        self._holds: set[_Hold] = set()
         loop.add_reader(self._fd, self._on_ready)
         # Messages may already be waiting (the edge fired before we watched the FD).
         self._schedule_drain()
@@ -115,8 +136,6 @@ class AsyncSocket:
             return
         get = self._get
         self._in_drain = True
-        if self._holds:
-            self._check_holds(from_timer=False)
         try:
             if self._batches:
                 self._flush_batches()
@@ -251,7 +270,7 @@ class AsyncSocket:
             self._pending.append((frames, fut))
             return fut
         try:
-            trackers = self._write(frames)
+            held = self._write(frames)
         except zmq.Again:
             fut = self._loop.create_future() if want_future else None
             self._pending.append((frames, fut))
@@ -261,10 +280,10 @@ class AsyncSocket:
             if exc.errno == errno.EHOSTUNREACH:
                 raise Unroutable(str(exc)) from exc
             raise
-        if trackers is not None:
+        if held is not None:
             if not self._in_drain:
                 self._schedule_drain()
-            return self._hold(trackers)
+            return self._hold(held)
         # A send can swallow the edge that announced input, so EVENTS must be looked at
         # again before the loop sleeps. One look per loop iteration covers every send made
         # in it (a syscall per send would halve tell throughput); a drain of this very
@@ -274,8 +293,8 @@ class AsyncSocket:
         return None
 
     def _write(self, frames: list[Any]) -> list[Any] | None:
-        """Hand one message to zmq. Returns the trackers of frames zmq still reads from
-        (large mutable buffers sent without a copy), or None."""
+        """Hand one message to zmq. Returns the frames zmq may still read from (large
+        mutable buffers sent without a copy), or None."""
         send = self._send_one
         last = len(frames) - 1
         if last == 0:
@@ -286,7 +305,7 @@ class AsyncSocket:
         # zero-copy buffer); large ones go without a copy, and a large *mutable* buffer (a
         # tensor's memory) is tracked, so its sender can be held until zmq is done with it:
         # a tensor changed after send must not change what the receiver gets.
-        trackers = None
+        held = None
         for i, frame in enumerate(frames):
             flags = _NOBLOCK | _SNDMORE if i < last else _NOBLOCK
             if len(frame) < _ZEROCOPY_MIN:
@@ -294,56 +313,33 @@ class AsyncSocket:
             elif type(frame) is bytes:
                 send(frame, flags, copy=False)
             else:
-                tracker = send(frame, flags, copy=False, track=True)
-                if trackers is None:
-                    trackers = []
-                trackers.append(tracker)
-        return trackers
+                send(frame, flags, copy=False)
+                if held is None:
+                    held = []
+                held.append(frame)
+        return held
 
-    def _hold(self, trackers: list[Any], fut: asyncio.Future[None] | None = None) -> asyncio.Future[None]:
-        """A future that resolves once zmq has let go of every tracked frame.
+    def _hold(self, held: list[Any], fut: asyncio.Future[None] | None = None) -> asyncio.Future[None]:
+        """A future that resolves once zmq has let go of every zero-copy frame in ``held``.
 
-        pyzmq signals that on a threading.Event set from its own thread, which cannot wake
-        the loop, so holds are checked: on every later loop iteration for the first half
-        millisecond (an ipc write is done within tens of microseconds), on every wake-up of
-        this socket (a reply arriving), and then every millisecond. Sub-millisecond timers
-        are not used: uvloop fires them at once and asyncio rounds them up to ~1 ms."""
+        pyzmq keeps a frame's buffer object referenced until libzmq frees the message (its
+        garbage-collector thread drops it). Each buffer here is a fresh object made for this
+        send (see transport/_tensors.py), so its finalizer tells the moment zmq is done,
+        from whichever thread that is: no polling, no timer granularity in the way."""
         if fut is None:
             fut = self._loop.create_future()
-        if all(t.done for t in trackers):
-            fut.set_result(None)
-            return fut
-        self._holds.append((trackers, fut))
-        if not self._hold_check_scheduled:
-            self._hold_check_scheduled = True
-            self._hold_since = self._loop.time()
-            self._loop.call_soon(self._check_holds)
+        hold = _Hold(self._loop, fut, len(held))
+        self._holds.add(hold)
+        fut.add_done_callback(lambda _f: self._holds.discard(hold))
+        for obj in held:
+            weakref.finalize(obj, hold.one_done)
         return fut
-
-    def _check_holds(self, from_timer: bool = True) -> None:
-        if from_timer:
-            self._hold_check_scheduled = False
-        still = []
-        for trackers, fut in self._holds:
-            if fut.done():
-                continue
-            if all(t.done for t in trackers):
-                fut.set_result(None)
-            else:
-                still.append((trackers, fut))
-        self._holds = still
-        if still and not self._hold_check_scheduled and not self.closed:
-            self._hold_check_scheduled = True
-            if self._loop.time() - self._hold_since < 0.0005:
-                self._loop.call_soon(self._check_holds)
-            else:
-                self._loop.call_later(0.001, self._check_holds)
 
     def _flush(self) -> None:
         while self._pending:
             frames, fut = self._pending[0]
             try:
-                trackers = self._write(frames)
+                held = self._write(frames)
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
@@ -356,8 +352,8 @@ class AsyncSocket:
                 continue
             self._pending.popleft()
             if fut is not None and not fut.done():
-                if trackers is not None:
-                    self._hold(trackers, fut)
+                if held is not None:
+                    self._hold(held, fut)
                 else:
                     fut.set_result(None)
         if not self._in_drain:
@@ -377,10 +373,10 @@ class AsyncSocket:
         except (ValueError, OSError, RuntimeError):
             pass  # the loop is already closed; the FD goes with the socket below
         self._batches.clear()
-        for _trackers, held in self._holds:
-            if not held.done():
-                held.set_exception(TransportClosed("socket closed while zmq still held a zero-copy frame"))
-        self._holds = []
+        for hold in list(self._holds):
+            if not hold.fut.done():
+                hold.fut.set_exception(TransportClosed("socket closed while zmq still held a zero-copy frame"))
+        self._holds.clear()
         while self._pending:
             _, fut = self._pending.popleft()
             if fut is not None and not fut.done():
