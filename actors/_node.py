@@ -41,7 +41,7 @@ from ..transport._errors import (
 )
 from ..transport._socket import AsyncSocket, Unroutable, configure
 from ..transport._tensors import Destination, PoolBusy, TensorCodec, TensorOptions
-from ..transport._wire import EXT_REF, Codec, Envelope, Kind, Limits, error_body
+from ..transport._wire import DEFAULT_MAX_HEADER_BYTES, EXT_REF, Codec, Envelope, Kind, Limits, error_body
 from ._errors import ActorDied, ActorInitFailed, ActorNotFound, RemoteError, SystemClosed
 from ._messages import Message, RemoteReply, StreamCredit, StreamSink
 from ._ratelimit import RateLimitedLog
@@ -71,7 +71,7 @@ class NodeConfig:
         self,
         *,
         hwm: int = 10_000,
-        max_header_bytes: int = 64 << 20,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_frames: int = 1024,
         max_frame_bytes: int = 1 << 30,
         mailbox_size: int = 1024,

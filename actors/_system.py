@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from ..transport._endpoints import IpcDirectory, check_ipc_base, ipc_path
+from ..transport._wire import DEFAULT_MAX_HEADER_BYTES
 from ..transport._errors import ConfigurationError
 from ..transport._shm import sweep_dead_segments
 from ..transport._tensors import DEFAULT_INLINE_MAX, TensorOptions
@@ -94,7 +95,7 @@ class ActorSystem:
         tcp_host: str = "127.0.0.1",
         stream_window: int = 64,
         hwm: int = 10_000,
-        max_header_bytes: int = 64 << 20,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_frames: int = 1024,
         max_frame_bytes: int = 1 << 30,
         tensor_inline_max: int = DEFAULT_INLINE_MAX,

@@ -35,6 +35,7 @@ import msgpack
 
 from ._errors import ConfigurationError, HandleNotPortable, PoolExhausted, ProtocolError, TensorLost
 from ._leases import Consumer, LeaseTable
+from ._wire import show
 
 EXT_TENSOR = 3
 
@@ -311,6 +312,8 @@ class TensorCodec:
             d["pool"] = self._pool.snapshot()
         if self._reader is not None:
             d["mapped_segments"] = len(self._reader)
+        if self._cuda is not None:
+            d["cuda_ipc"] = self._cuda.snapshot()
         return d
 
     def take_owners(self) -> list[int]:
@@ -527,9 +530,9 @@ class TensorCodec:
             raise ProtocolError("bad tensor descriptor: expected [lib, dtype, shape, where]")
         lib, dtype, shape, where = d[:4]
         if type(lib) is not int or not 0 <= lib <= 2:
-            raise ProtocolError(f"bad tensor descriptor: unknown library {lib!r}")
+            raise ProtocolError(f"bad tensor descriptor: unknown library {show(lib)}")
         if type(dtype) is not str or dtype not in ITEMSIZE or (lib != LIB_TORCH and dtype == "bfloat16"):
-            raise ProtocolError(f"bad tensor descriptor: dtype {dtype!r} is not on the allowlist")
+            raise ProtocolError(f"bad tensor descriptor: dtype {show(dtype)} is not on the allowlist")
         if type(shape) is not list:
             raise ProtocolError("bad tensor descriptor: shape is not an array")
         dims = _check_shape(shape)
@@ -537,7 +540,7 @@ class TensorCodec:
         # Zero dimensions make nbytes 0 whatever the others say; bound those too, or the
         # library's own size arithmetic overflows on an empty tensor.
         if math.prod(n for n in dims if n) * ITEMSIZE[dtype] > MAX_TENSOR_BYTES:
-            raise ProtocolError(f"bad tensor descriptor: shape {dims} is too large")
+            raise ProtocolError(f"bad tensor descriptor: shape {show(dims)} is too large")
         if type(where) is not list or not where or type(where[0]) is not int:
             raise ProtocolError("bad tensor descriptor: where is not [tag, ...]")
         staged = len(d) == 5
@@ -566,7 +569,7 @@ class TensorCodec:
             return self._decode_shm(lib, dtype, dims, nbytes, where)
         if tag == WHERE_CUDA:
             return self._decode_cuda(lib, dtype, dims, nbytes, where)
-        raise ProtocolError(f"bad tensor descriptor: unknown location tag {tag!r}")
+        raise ProtocolError(f"bad tensor descriptor: unknown location tag {show(tag)}")
 
     def _decode_shm(self, lib: int, dtype: str, dims: list[int], nbytes: int, where: list[Any]) -> Any:
         if (len(where) != 7 or type(where[1]) is not str or type(where[2]) is not int or type(where[3]) is not int
@@ -646,7 +649,7 @@ def _check_shape(shape: list[Any]) -> list[int]:
         raise ProtocolError(f"bad tensor descriptor: {len(shape)} dimensions, over {MAX_DIMS}")
     for n in shape:
         if type(n) is not int or n < 0 or n > MAX_TENSOR_BYTES:
-            raise ProtocolError(f"bad tensor descriptor: dimension {n!r} is not a non-negative int")
+            raise ProtocolError(f"bad tensor descriptor: dimension {show(n)} is not a non-negative int")
     return shape
 
 
@@ -683,9 +686,11 @@ def _build(lib: int, dtype: str, dims: list[int], buf: Any, nbytes: int) -> Any:
     torch = sys.modules["torch"]
     if nbytes == 0:
         return torch.empty(dims, dtype=tdtype)
-    t = torch.frombuffer(buf, dtype=tdtype, count=nbytes // ITEMSIZE[dtype]).view(dims)
     if ctypes.addressof(buf) % ITEMSIZE[dtype]:
-        # zmq may hand back a small frame at any offset of its receive buffer; a tensor
-        # whose elements are not naturally aligned is copied once rather than risk it.
-        t = t.clone()
-    return t
+        # zmq may hand back a small frame at any offset of its receive buffer. A tensor
+        # whose elements are not naturally aligned is copied once, byte for byte: torch
+        # itself must never touch it (cloning misaligned complex128 crashes torch).
+        out = torch.empty(dims, dtype=tdtype)
+        ctypes.memmove(out.data_ptr(), ctypes.addressof(buf), nbytes)
+        return out
+    return torch.frombuffer(buf, dtype=tdtype, count=nbytes // ITEMSIZE[dtype]).view(dims)

@@ -60,6 +60,11 @@ _KIND_BY_VALUE = {int(k): k for k in Kind}
 # not guard the C stack: without a bound, a few KB of nested tuples would crash the process.
 MAX_EXT_DEPTH = 64
 
+# Decoding turns every header byte into at most one Python object (~70 bytes for an empty
+# list or map), so the header cap is also the bound on what one message can make a receiver
+# allocate: about 70 x this. Tensors travel out of band and do not count against it.
+DEFAULT_MAX_HEADER_BYTES = 1 << 20
+
 BATCH_MARKER = b"\xc1"
 MAX_BATCH_DECODE = 4096  # messages in one batch frame a receiver accepts
 
@@ -135,7 +140,7 @@ class Limits:
     def __init__(
         self,
         *,
-        max_header_bytes: int = 64 << 20,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_frames: int = 1024,
         max_frame_bytes: int = 1 << 30,
     ) -> None:
@@ -330,6 +335,8 @@ class Codec:
             )
         self._frames = frames[start + 1 :] if count > 1 else ()
         tensors = self.tensors
+        if tensors is not None:
+            tensors.owners.clear()
         try:
             h = self._unpack(head)
         except ProtocolError:
@@ -342,6 +349,8 @@ class Codec:
             self._frames = ()
             self._depth = 0
             owners = tensors.take_owners() if tensors is not None and tensors.owners else None
+        if _TIMESTAMP_HINTS[0] in head or _TIMESTAMP_HINTS[1] in head or _TIMESTAMP_HINTS[2] in head:
+            _refuse_timestamps(h, 0)
         env = _validate(h)
         env.owners = owners
         return env
@@ -367,8 +376,13 @@ class Codec:
         out: list[Envelope] = []
         self._frames = ()
         tensors = self.tensors
+        if tensors is not None:
+            tensors.owners.clear()
+        hinted = any(hint in head for hint in _TIMESTAMP_HINTS)
         try:
             for h in unpacker:
+                if hinted:
+                    _refuse_timestamps(h, 0)
                 env = _validate(h)
                 if tensors is not None and tensors.owners:
                     env.owners = tensors.take_owners()
@@ -383,9 +397,39 @@ class Codec:
             return out, ProtocolError(f"undecodable message in a batch: {type(exc).__name__}: {exc}")
         finally:
             self._depth = 0
+            if tensors is not None:
+                tensors.owners.clear()  # those of a message that failed part way
         if not out:
             raise ProtocolError("empty batch")
         return out, None
+
+
+# msgpack decodes its own timestamp ext (code -1) before any ext_hook sees it. Only the
+# allowlisted codes may pass, so a header whose bytes could hold one (fixext4/8 or ext8
+# with type -1) has its decoded value searched; strings never contain 0xff, so this is rare.
+_TIMESTAMP_HINTS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
+
+
+def _refuse_timestamps(value: Any, depth: int) -> None:
+    t = type(value)
+    if t is msgpack.Timestamp:
+        raise ProtocolError("ext code -1 (msgpack timestamp) is not on the allowlist")
+    if depth > MAX_EXT_DEPTH + 64:
+        return
+    if t is list or t is tuple:
+        for v in value:
+            _refuse_timestamps(v, depth + 1)
+    elif t is dict:
+        for k, v in value.items():
+            _refuse_timestamps(k, depth + 1)
+            _refuse_timestamps(v, depth + 1)
+
+
+def show(value: Any, limit: int = 80) -> str:
+    """repr() of a value from the wire, cut short: error messages are logged and sent back,
+    and must not grow with what a hostile peer put in the frame."""
+    text = repr(value) if not isinstance(value, (list, dict)) else f"<{type(value).__name__} of {len(value)}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 _STR_OR_NONE = (str, type(None))
@@ -400,10 +444,10 @@ def _validate(h: Any) -> Envelope:
     version, kind, corr, sender, target, method, deadline, body, opts = h[:9]
     incarnation = h[9] if len(h) > 9 else None
     if type(version) is not int or version != VERSION:
-        raise ProtocolError(f"wire version {version!r} is not supported (this side speaks {VERSION})")
+        raise ProtocolError(f"wire version {show(version)} is not supported (this side speaks {VERSION})")
     k = _KIND_BY_VALUE.get(kind) if type(kind) is int else None
     if k is None:
-        raise ProtocolError(f"unknown message kind {kind!r}")
+        raise ProtocolError(f"unknown message kind {show(kind)}")
     if type(corr) is not int or corr < 0:
         raise ProtocolError("correlation id is not a non-negative int")
     if (type(sender) not in _STR_OR_NONE or type(target) not in _STR_OR_NONE
