@@ -216,6 +216,8 @@ class Codec:
         if self.tensors is not None:
             found = self.tensors.encode(obj, self._oob)
             if found is not None:
+                # Remember the exact type: the next tensor of it skips the checks above.
+                self._encoders[type(obj)] = self.tensors.encode
                 return msgpack.ExtType(*found)
         raise TypeError(
             f"cannot send a value of type {type(obj).__module__}.{type(obj).__qualname__}: "
