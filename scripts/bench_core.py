@@ -83,6 +83,7 @@ if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
 import _floors  # noqa: E402
+import _report  # noqa: E402
 
 import cascada  # noqa: E402
 
@@ -254,15 +255,7 @@ def record(figure: str, value: float, unit: str, *, floor_name: str | None, floo
 
 
 def print_table() -> None:
-    head = ["figure", "placement", "cascada", "floor", "ratio", "target", "result"]
-    widths = [max(len(r[i]) for r in [head, *ROWS]) for i in range(len(head))]
-    line = "  ".join("-" * w for w in widths)
-    print()
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    print(line)
-    for row in ROWS:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-    print(line)
+    _report.print_table(["figure", "placement", "cascada", "floor", "ratio", "target", "result"], ROWS)
 
 
 # --------------------------------------------------------------------------- 1. ask RTT

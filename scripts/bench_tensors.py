@@ -99,6 +99,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
+import _report  # noqa: E402
 import cascada  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -213,15 +214,7 @@ def record(figure: str, size: int | None, value: float, unit: str, *, floor_name
 
 
 def print_table() -> None:
-    head = ["figure", "size", "cascada", "floor", "ratio", "target", "result"]
-    widths = [max(len(r[i]) for r in [head, *ROWS]) for i in range(len(head))]
-    line = "  ".join("-" * w for w in widths)
-    print()
-    print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    print(line)
-    for row in ROWS:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
-    print(line)
+    _report.print_table(["figure", "size", "cascada", "floor", "ratio", "target", "result"], ROWS)
 
 
 # --------------------------------------------------------------------------- the memcpy floor

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ._errors import HandleNotPortable, ProtocolError, SerializationError, TensorLost
+from ._endpoints import process_gone
 from ._leases import Consumer, LeaseTable
 
 __all__ = ["LIB_CUPY", "LIB_TORCH", "CudaExport", "CudaIpcBackend", "is_cuda"]
@@ -352,18 +353,6 @@ def _check_counter_file(w: _Where) -> None:
                    "torch count file")
 
 
-def _pid_gone(pid: int) -> bool:
-    """True when process pid (on this host) has exited, zombies included."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return data[data.rfind(b")") + 2:][:1] in (b"Z", b"X")
-
-
 class _IpcCollector:
     """torch.cuda.ipc_collect(): frees limbo blocks whose count reached 0 and closes an idle
     counter file. At most once per interval, since it walks the limbo under a lock."""
@@ -637,7 +626,7 @@ class CudaIpcBackend:
     def _settle(self, export: CudaExport, name: bytes, slot: int) -> None:
         count = _read_counter(name, slot)
         if count == 1:
-            if export.consumer_pid and _pid_gone(export.consumer_pid):
+            if export.consumer_pid and process_gone(export.consumer_pid):
                 # Nobody will decrement it. Zeroed before the tensor goes, the block is freed
                 # at once instead of waiting in limbo.
                 if _zero_counter(name, slot):
