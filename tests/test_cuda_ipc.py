@@ -284,7 +284,7 @@ def issue(leases: LeaseTable, backend: ipc.CudaIpcBackend, name: bytes, pid: int
 
 def test_dead_consumer_count_is_zeroed_before_the_tensor_goes(count_file: bytes) -> None:
     pid = dead_pid()
-    leases = LeaseTable(host=HOST, process_gone=ipc._pid_gone)
+    leases = LeaseTable(host=HOST, process_gone=ipc.process_gone)
     backend = ipc.CudaIpcBackend(leases)
     _, kept = issue(leases, backend, count_file, pid)
     assert kept() is not None
@@ -339,7 +339,7 @@ def test_released_count_is_left_alone(count_file: bytes) -> None:
 
 
 def test_odd_count_is_counted_and_left_alone(count_file: bytes, caplog: pytest.LogCaptureFixture) -> None:
-    leases = LeaseTable(host=HOST, process_gone=ipc._pid_gone)
+    leases = LeaseTable(host=HOST, process_gone=ipc.process_gone)
     backend = ipc.CudaIpcBackend(leases)
     pid = dead_pid()
     _, kept = issue(leases, backend, count_file, pid)
@@ -410,11 +410,11 @@ def test_count_file_is_checked_before_torch_writes_to_it(count_file: bytes) -> N
 
 
 def test_pid_gone() -> None:
-    assert not ipc._pid_gone(os.getpid())
-    assert ipc._pid_gone(dead_pid())
+    assert not ipc.process_gone(os.getpid())
+    assert ipc.process_gone(dead_pid())
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
     os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped
-    assert ipc._pid_gone(zombie.pid)
+    assert ipc.process_gone(zombie.pid)
     zombie.wait()
 
 
@@ -558,7 +558,7 @@ def test_gpu_check_script() -> None:
 @gpu
 def test_gpu_dead_consumer_frees_producer_memory() -> None:
     assert torch is not None
-    leases = LeaseTable(host=HOST, process_gone=ipc._pid_gone)
+    leases = LeaseTable(host=HOST, process_gone=ipc.process_gone)
     backend = ipc.CudaIpcBackend(leases)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
