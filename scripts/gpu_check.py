@@ -104,7 +104,7 @@ class Worker:
         from _gpu_check_transport._leases import LeaseTable
 
         self.host = host_id()
-        self.leases = LeaseTable(ttl=None, host=self.host, process_gone=self.ipc._pid_gone)
+        self.leases = LeaseTable(ttl=None, host=self.host, process_gone=self.ipc.process_gone)
         self.backend = self.ipc.CudaIpcBackend(self.leases, collect_interval=0.0)
         self.peer: tuple[str, int] = (self.host, 0)
         self.held: dict[int, Any] = {}
