@@ -87,6 +87,9 @@ class NodeConfig:
         if not (isinstance(default_timeout, (int, float)) and default_timeout > 0):
             raise ConfigurationError(f"default_timeout must be a positive number (or math.inf), got {default_timeout!r}")
         self.hwm = hwm
+        if max_header_bytes < 64 * 1024:
+            raise ConfigurationError(f"max_header_bytes must be at least 65536 (batches of small messages "
+                                     f"are up to 64 KiB), got {max_header_bytes}")
         self.max_header_bytes = max_header_bytes
         self.max_frames = max_frames
         self.max_frame_bytes = max_frame_bytes

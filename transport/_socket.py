@@ -34,6 +34,8 @@ _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
 _ZEROCOPY_MIN = 64 * 1024
 _BATCH_MAX = 64  # messages per batch frame
+_BATCH_ITEM_BYTES = 16 * 1024  # larger messages always travel alone
+_BATCH_BYTES = 64 * 1024  # a batch frame stays under this (every receiver accepts 64 KiB headers)
 
 
 class _Hold:
@@ -116,6 +118,7 @@ class AsyncSocket:
         self._router = router
         self._batching = batching
         self._batches: dict[bytes | None, list[bytes]] = {}
+        self._batch_bytes: dict[bytes | None, int] = {}
         self.unroutable = 0  # batched messages dropped because their peer was gone
         # Senders held until zmq lets go of their zero-copy frames (see _hold).
         self._holds: set[_Hold] = set()
@@ -193,6 +196,7 @@ class AsyncSocket:
                     self._schedule_drain()
                 else:
                     self._batches.clear()
+                    self._batch_bytes.clear()
 
     def _recv_multipart(self, flags: int) -> list[Any]:
         # pyzmq's recv_multipart converts each option to an enum on every call; plain ints
@@ -233,12 +237,19 @@ class AsyncSocket:
         if not self._batching:
             return self._send_now(frames)
         router = self._router
-        single = len(frames) == (2 if router else 1)
+        # Only small messages are batched, and a batch stays under _BATCH_BYTES: a receiver
+        # refuses a frame over its header cap as a whole, and every message in it with it.
+        single = len(frames) == (2 if router else 1) and len(frames[-1]) <= _BATCH_ITEM_BYTES
         key = frames[0] if router else None
         batch = self._batches.get(key)
         if batch is not None:
             if single and frames[-1][:1] != BATCH_MARKER:
+                size = self._batch_bytes.get(key, 0) + len(frames[-1])
+                if size > _BATCH_BYTES:
+                    self._flush_batch(key, want_future=False)  # full: it goes, this one after it
+                    return self._send_now(frames)
                 batch.append(frames[-1])
+                self._batch_bytes[key] = size
                 if len(batch) >= _BATCH_MAX:
                     return self._flush_batch(key)
                 return None
@@ -250,6 +261,7 @@ class AsyncSocket:
         return pending
 
     def _flush_batch(self, key: bytes | None, want_future: bool = True) -> asyncio.Future[None] | None:
+        self._batch_bytes.pop(key, None)
         batch = self._batches.pop(key, None)
         if not batch:
             return None
@@ -373,6 +385,7 @@ class AsyncSocket:
         except (ValueError, OSError, RuntimeError):
             pass  # the loop is already closed; the FD goes with the socket below
         self._batches.clear()
+        self._batch_bytes.clear()
         for hold in list(self._holds):
             if not hold.fut.done():
                 hold.fut.set_exception(TransportClosed("socket closed while zmq still held a zero-copy frame"))
