@@ -642,13 +642,9 @@ async def run_all(sz: Sizes, actor_pids: list[int], only: frozenset[str] = froze
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check under ~60 s")
-    parser.add_argument("--json", metavar="PATH", help="also write every record as one JSON list")
-    parser.add_argument("--only", metavar="LIST", default=",".join(FIGURES),
-                        help=f"comma-separated figures to measure, of {', '.join(FIGURES)} (default: all)")
+    _report.add_common_args(parser, FIGURES)
     args = parser.parse_args()
-    only = frozenset(x.strip() for x in args.only.split(",") if x.strip())
-    if not only or not only <= set(FIGURES):
-        parser.error(f"--only takes figures from {', '.join(FIGURES)}")
+    only = _report.selected(parser, args.only, FIGURES)
     sz = Sizes(args.quick)
     # torch warns "Failed to initialize NumPy" on import when numpy is absent; keep that out
     # of the output of the forkserver and the floors' children (a user setting wins).

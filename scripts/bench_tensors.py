@@ -783,13 +783,9 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="also hand off a 1 GiB pool tensor")
     parser.add_argument("--crossover", action="store_true", help="only the inline/shm crossover")
     parser.add_argument("--no-ray", action="store_true", help="skip Ray even when it is installed")
-    parser.add_argument("--json", metavar="PATH", help="also write every record as one JSON list")
-    parser.add_argument("--only", metavar="LIST", default=",".join(FIGURES),
-                        help=f"comma-separated figures to measure, of {', '.join(FIGURES)} (default: all)")
+    _report.add_common_args(parser, FIGURES)
     args = parser.parse_args()
-    only = frozenset(x.strip() for x in args.only.split(",") if x.strip())
-    if not only or not only <= set(FIGURES):
-        parser.error(f"--only takes figures from {', '.join(FIGURES)}")
+    only = _report.selected(parser, args.only, FIGURES)
     if args.crossover:
         only = frozenset({"crossover"})
     if args.no_ray:
