@@ -2,6 +2,7 @@
 stages or models: it runs any actor."""
 
 from ._actor import Actor, concurrent
+from ._context import Context, context, current_context
 from ._errors import (
     ActorDied,
     ActorInitFailed,
@@ -32,6 +33,7 @@ __all__ = [
     "ActorSystem",
     "CascadaError",
     "ConfigurationError",
+    "Context",
     "CudaCrossHost",
     "DeadlineExceeded",
     "HandleNotPortable",
@@ -47,6 +49,8 @@ __all__ = [
     "Transport",
     "TransportClosed",
     "concurrent",
+    "context",
+    "current_context",
     "empty",
     "run",
     "via",

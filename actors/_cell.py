@@ -13,6 +13,7 @@ from ..transport._endpoints import process_gone
 from ..transport._errors import DeadlineExceeded, TensorLost
 from ..transport._wire import Kind
 from ._actor import Actor, Handler, handlers_of
+from ._context import handling
 from ._errors import ActorDied, ActorNotFound
 from ._messages import Message
 
@@ -21,12 +22,13 @@ if TYPE_CHECKING:
 
 
 class CellStats:
-    __slots__ = ("handled", "failed", "expired", "max_depth", "put_waits")
+    __slots__ = ("handled", "failed", "expired", "cancelled", "max_depth", "put_waits")
 
     def __init__(self) -> None:
         self.handled = 0
         self.failed = 0
         self.expired = 0
+        self.cancelled = 0
         self.max_depth = 0
         self.put_waits = 0
 
@@ -114,6 +116,20 @@ class ActorCell:
         if msg.reply is not None:
             msg.reply.fail(ActorDied(f"actor {self.name!r} is stopping; the message was not run", actor=self.name), "died")
 
+    def cancel(self, msg: Message) -> None:
+        """The caller gave up on msg: skip it if it is still queued, cancel its handler if it
+        runs (the CancelledError reaches the handler at its current await, so the calls it
+        is waiting on are cancelled in turn)."""
+        if msg.done or msg.cancelled:
+            return
+        msg.cancelled = True
+        if msg.credit is not None:
+            msg.credit.cancel()
+        task = msg.task
+        if task is not None and not task.done():
+            self.stats.cancelled += 1
+            task.cancel()
+
     def _took_one(self) -> None:
         if len(self.mailbox) < self.capacity:
             room = self._room
@@ -157,6 +173,12 @@ class ActorCell:
                     self._stopped.set_result(None)
 
     async def _handle(self, msg: Message) -> None:
+        if msg.cancelled:  # still queued when its caller gave up: never run
+            if msg.deadline is not None and msg.deadline <= time.time():
+                self.stats.expired += 1
+            else:
+                self.stats.cancelled += 1
+            return
         reply = msg.reply
         if msg.deadline is not None and msg.deadline <= time.time():
             self.stats.expired += 1
@@ -227,8 +249,8 @@ class ActorCell:
                 self._parked = True
         if type(result) is _Suspended:
             self._parked = False
-            self._current = self.node.tasks.spawn(self._finish(msg, result), name=f"{self.name}.{msg.method}",
-                                                  context=self._ctx)
+            self._current = msg.task = self.node.tasks.spawn(self._finish(msg, result),
+                                                             name=f"{self.name}.{msg.method}", context=self._ctx)
             return True
         self.stats.handled += 1
         if msg.reply is not None:
@@ -239,22 +261,34 @@ class ActorCell:
         return True
 
     def _first_step(self, msg: Message, handler: Handler) -> Any:
+        handling.set(msg)
         fn = self._bound[handler.name]
-        result = fn(*msg.args, **msg.kwargs) if msg.kwargs else fn(*msg.args)
-        if handler.kind != "async":
-            return result
         try:
-            yielded = result.send(None)
-        except StopIteration as stop:
-            return stop.value
+            result = fn(*msg.args, **msg.kwargs) if msg.kwargs else fn(*msg.args)
+            if handler.kind != "async":
+                _ended(msg)
+                return result
+            try:
+                yielded = result.send(None)
+            except StopIteration as stop:
+                _ended(msg)
+                return stop.value
+        except BaseException:
+            _ended(msg)
+            raise
         return _Suspended(result, yielded)
 
     async def _finish(self, msg: Message, suspended: _Suspended) -> None:
         try:
             result = await suspended
+        except asyncio.CancelledError:
+            if not _ended(msg):
+                raise
         except Exception as exc:
+            _ended(msg)
             self._fail(msg, exc, "remote")
         else:
+            _ended(msg)
             self.stats.handled += 1
             if msg.reply is not None:
                 pending = msg.reply.ok(result)
@@ -269,13 +303,21 @@ class ActorCell:
 
     async def _call(self, msg: Message, handler: Handler) -> None:
         fn = self._bound[handler.name]
+        handling.set(msg)
+        msg.task = asyncio.current_task()
         try:
             result = fn(*msg.args, **msg.kwargs) if msg.kwargs else fn(*msg.args)
             if handler.kind == "async":
                 result = await result
+        except asyncio.CancelledError:
+            if not _ended(msg):
+                raise
+            return
         except Exception as exc:
+            _ended(msg)
             self._fail(msg, exc, "remote")
             return
+        _ended(msg)
         self.stats.handled += 1
         if msg.reply is not None:
             pending = msg.reply.ok(result)
@@ -286,6 +328,8 @@ class ActorCell:
         reply = msg.reply
         credit = msg.credit
         assert reply is not None and credit is not None
+        handling.set(msg)
+        msg.task = asyncio.current_task()
         agen = getattr(self.instance, handler.name)(*msg.args, **(msg.kwargs or {}))
         try:
             while True:
@@ -304,9 +348,13 @@ class ActorCell:
                 if pending is not None:
                     await pending
             self.stats.handled += 1
+        except asyncio.CancelledError:
+            if not _ended(msg):
+                raise
         except Exception as exc:
             self._fail(msg, exc, "remote")
         finally:
+            _ended(msg)
             await agen.aclose()
             self.node.stream_done(reply)
 
@@ -330,11 +378,31 @@ class ActorCell:
             "handled": s.handled,
             "failed": s.failed,
             "expired": s.expired,
+            "cancelled": s.cancelled,
             "put_waits": s.put_waits,
         }
 
 
 _EAGER_CONTEXT = sys.version_info >= (3, 11)  # create_task(context=) arrived in 3.11
+
+
+def _ended(msg: Message) -> bool:
+    """A handler ended. Forget the message here (the cell's context would otherwise keep its
+    arguments, tensors and all, alive until the next message) and, if its caller cancelled
+    it, take back the cancellation that ``cancel`` sent its task (the task goes on serving
+    the mailbox); True then."""
+    msg.done = True
+    msg.task = None
+    msg.args = ()
+    msg.kwargs = None
+    if handling.get() is msg:
+        handling.set(None)
+    if not msg.cancelled:
+        return False
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        task.uncancel()
+    return True
 
 
 async def _wait_sent(pending: asyncio.Future[None]) -> None:

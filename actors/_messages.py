@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 
 class Message:
-    __slots__ = ("kind", "method", "args", "kwargs", "deadline", "reply", "credit", "owners")
+    __slots__ = ("kind", "method", "args", "kwargs", "deadline", "reply", "credit", "owners", "ctx", "target",
+                 "done", "cancelled", "task")
 
     def __init__(
         self,
@@ -33,6 +34,8 @@ class Message:
         reply: Reply | None,
         credit: StreamCredit | None = None,
         owners: list[int] | None = None,
+        ctx: list[Any] | None = None,
+        target: str = "",
     ) -> None:
         self.kind = kind
         self.method = method
@@ -42,6 +45,11 @@ class Message:
         self.reply = reply
         self.credit = credit
         self.owners = owners  # pids owning leased tensors in args (see Envelope.owners)
+        self.ctx = ctx  # the wire context [trace_id, budget, depth, path] (see _context)
+        self.target = target
+        self.done = False  # the handler returned: calls it left running no longer inherit its deadline
+        self.cancelled = False  # the caller cancelled: skip it if queued, cancel its handler if running
+        self.task: asyncio.Task[Any] | None = None  # the task its handler runs in, while it runs
 
 
 class Reply:
@@ -76,9 +84,11 @@ class RemoteReply(Reply):
         self.corr = corr
 
     def ok(self, value: Any) -> asyncio.Future[None] | None:
+        self.node.running.pop((self.identity, self.corr), None)
         return self.node.send_reply(self.identity, Kind.REPLY, self.corr, value)
 
     def fail(self, exc: BaseException, code: str) -> None:
+        self.node.running.pop((self.identity, self.corr), None)
         type_name, message, tb = format_remote(exc)
         self.node.send_error(self.identity, self.corr, code, type_name, message, tb if code == "remote" else None)
 

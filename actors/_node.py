@@ -196,6 +196,8 @@ class Node:
         self.control: dict[str, ControlHandler] = {}
         self.control_sync: dict[str, Callable[[Envelope], None]] = {}  # one-way, run inline
         self.streams: dict[tuple[bytes, int], StreamCredit] = {}
+        # Requests from remote callers not answered yet, so a CANCEL can find them.
+        self.running: dict[tuple[bytes, int], Message] = {}
         self.stats = NodeStats()
         self.tasks = TaskSet(f"node {node_id}")
         self.corr = itertools.count(1)
@@ -346,7 +348,10 @@ class Node:
                 self.streams[(identity, env.corr)] = credit
             reply = None if kind is Kind.TELL else RemoteReply(self, identity, env.corr)
             method = cast(str, env.method)  # the codec refuses requests without one
-            if cell.deliver(Message(kind, method, args, kwargs, env.deadline, reply, credit, env.owners)):
+            msg = Message(kind, method, args, kwargs, env.deadline, reply, credit, env.owners, env.ctx, env.target)
+            if reply is not None:
+                self.running[(identity, env.corr)] = msg
+            if cell.deliver(msg):
                 self.full_cells.add(cell.name)
                 assert self._router is not None
                 self._router.pause_reading()
@@ -356,6 +361,11 @@ class Node:
             if credit is not None:
                 credit.grant(env.opts or 0)
         elif kind is Kind.CANCEL:
+            wanted = self.running.pop((identity, env.corr), None)
+            if wanted is not None:
+                cell = self.cells.get(wanted.target)
+                if cell is not None:
+                    cell.cancel(wanted)
             credit = self.streams.get((identity, env.corr))
             if credit is not None:
                 credit.cancel()
@@ -378,6 +388,7 @@ class Node:
     def stream_done(self, reply: Any) -> None:
         if isinstance(reply, RemoteReply):
             self.streams.pop((reply.identity, reply.corr), None)
+            self.running.pop((reply.identity, reply.corr), None)
 
     def _reject(self, identity: bytes, frames: list[bytes], exc: Exception) -> None:
         corr = _salvage_corr(frames)
@@ -492,7 +503,7 @@ class Node:
 
     async def call(self, peer: Peer, target: str | None, method: str, args: Any,
                    kwargs: dict[str, Any] | None = None, *, timeout: float | None = None,
-                   deadline: float | None | _Unset = UNSET) -> Any:
+                   deadline: float | None | _Unset = UNSET, ctx: list[Any] | None = None) -> Any:
         """Ask ``target`` (None: the peer node itself) over ``peer`` and await the reply."""
         if isinstance(deadline, _Unset):
             deadline = self.deadline(timeout)
@@ -502,10 +513,16 @@ class Node:
         fut: asyncio.Future[Any] = self.loop.create_future()
         peer.calls[corr] = (fut, target, method)
         try:
-            sent = peer.send(Kind.ASK, corr, target, method, deadline, [list(args), kwargs])
+            sent = peer.send(Kind.ASK, corr, target, method, deadline, [list(args), kwargs], ctx=ctx)
             if sent is not None:
                 await peer.wait_sent(sent, deadline, label)
             return await wait_reply(fut, deadline, self.loop, label)
+        except (asyncio.CancelledError, DeadlineExceeded):
+            # Nobody waits for the answer any more: tell the callee to stop the work (and
+            # what it called in turn). Best effort: a callee that already answered ignores it.
+            if corr in peer.calls and peer.dead is None and not peer.sock.closed and target is not None:
+                peer.send(Kind.CANCEL, corr, target, None, None, None)
+            raise
         finally:
             peer.calls.pop(corr, None)
 
@@ -892,10 +909,10 @@ class Peer:
             raise ActorDied(f"actor {actor!r}: {self.dead}", actor=actor, exitcode=self.dead.exitcode)
 
     def send(self, kind: Kind, corr: int, target: str | None, method: str | None, deadline: float | None,
-             body: Any, opts: int | None = None) -> asyncio.Future[None] | None:
+             body: Any, opts: int | None = None, ctx: list[Any] | None = None) -> asyncio.Future[None] | None:
         """Send one message. Returns None when it went, or a future to await: zmq is at its
         high-water mark, or holds a zero-copy frame, or the message waits for pool room."""
-        args = (kind, corr, target, method, deadline, body, opts)
+        args = (kind, corr, target, method, deadline, body, opts, ctx)
         if self._queue is not None:
             return self._queue.push(args, deadline)
         try:
@@ -916,9 +933,9 @@ class Peer:
             await with_deadline(sent, deadline, label)
 
     def _send_now(self, kind: Kind, corr: int, target: str | None, method: str | None, deadline: float | None,
-                  body: Any, opts: int | None = None) -> asyncio.Future[None] | None:
+                  body: Any, opts: int | None = None, ctx: list[Any] | None = None) -> asyncio.Future[None] | None:
         node = self.node
         node.tensors.dest = self.dest
-        frames = node.codec.encode(kind, corr, node.id, target, method, deadline, body, opts)
+        frames = node.codec.encode(kind, corr, node.id, target, method, deadline, body, opts, None, ctx)
         node.stats.sent += 1
         return self.sock.send(frames)

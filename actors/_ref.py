@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..transport._errors import DeadlineExceeded
 from ..transport._tensors import Via, unwrap_via
 from ..transport._wire import Kind
+from ._context import outgoing
 from ._errors import SystemClosed
 from ._node import wait_reply, with_deadline
 from ._messages import END, LocalReply, Message, StreamCredit, StreamSink
@@ -76,7 +77,7 @@ class ActorRef:
         node = self._node
         if node is None or node.closed:
             node = self._bind()
-        deadline = node.deadline(timeout)
+        deadline, ctx = outgoing(self.name, node.deadline(timeout))
         if self.endpoint == node.endpoint:
             cell = node.cells.get(self.name)
             if cell is None:
@@ -84,12 +85,18 @@ class ActorRef:
             if Via.live:
                 args, kwargs = unwrap_via(args), unwrap_via(kwargs)
             fut: asyncio.Future[Any] = node.loop.create_future()
-            msg = Message(Kind.ASK, method, args, kwargs or None, deadline, LocalReply(fut, self.name, method))
-            if not cell.offer(msg):
-                await with_deadline(cell.put(msg), deadline, f"{self.name}.{method}")
-            return await wait_reply(fut, deadline, node.loop, f"{self.name}.{method}")
+            msg = Message(Kind.ASK, method, args, kwargs or None, deadline, LocalReply(fut, self.name, method),
+                          ctx=ctx, target=self.name)
+            try:
+                if not cell.offer(msg):
+                    await with_deadline(cell.put(msg), deadline, f"{self.name}.{method}")
+                return await wait_reply(fut, deadline, node.loop, f"{self.name}.{method}")
+            except (asyncio.CancelledError, DeadlineExceeded):
+                # Nobody waits for the answer any more: stop the work (and what it called).
+                cell.cancel(msg)
+                raise
         return await node.call(node.peer(self.endpoint, self.pid, self.host), self.name, method, args,
-                               kwargs or None, deadline=deadline)
+                               kwargs or None, deadline=deadline, ctx=ctx)
 
     async def tell(self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Send ``method`` one way. Returns once the message is accepted for delivery; a full
@@ -98,20 +105,21 @@ class ActorRef:
         node = self._node
         if node is None or node.closed:
             node = self._bind()
-        deadline = node.deadline(timeout)
+        deadline, ctx = outgoing(self.name, node.deadline(timeout))
         if self.endpoint == node.endpoint:
             cell = node.cells.get(self.name)
             if cell is None:
                 raise _not_here(self, node)
             if Via.live:
                 args, kwargs = unwrap_via(args), unwrap_via(kwargs)
-            msg = Message(Kind.TELL, method, args, kwargs or None, deadline, None)
+            msg = Message(Kind.TELL, method, args, kwargs or None, deadline, None, ctx=ctx, target=self.name)
             if not cell.offer(msg):
                 await with_deadline(cell.put(msg), deadline, f"{self.name}.{method}")
             return
         peer = node.peer(self.endpoint, self.pid, self.host)
         peer.check_alive(self.name)
-        sent = peer.send(Kind.TELL, next(node.corr), self.name, method, deadline, [list(args), kwargs or None])
+        sent = peer.send(Kind.TELL, next(node.corr), self.name, method, deadline, [list(args), kwargs or None],
+                         ctx=ctx)
         if sent is not None:
             await peer.wait_sent(sent, deadline, f"{self.name}.{method}")
 
@@ -124,7 +132,7 @@ class ActorRef:
         node = self._node
         if node is None or node.closed:
             node = self._bind()
-        deadline = node.deadline(timeout)
+        deadline, ctx = outgoing(self.name, node.deadline(timeout))
         window = window or node.config.stream_window
         half = max(1, window // 2)
         if self.endpoint == node.endpoint:
@@ -135,17 +143,22 @@ class ActorRef:
                 args, kwargs = unwrap_via(args), unwrap_via(kwargs)
             sink = StreamSink(self.name, method)
             credit = StreamCredit(window)
-            msg = Message(Kind.STREAM, method, args, kwargs or None, deadline, sink, credit)
+            msg = Message(Kind.STREAM, method, args, kwargs or None, deadline, sink, credit, ctx=ctx,
+                          target=self.name)
             if not cell.offer(msg):
                 await with_deadline(cell.put(msg), deadline, f"{self.name}.{method}")
-            grant, cancel = credit.grant, credit.cancel
+            grant = credit.grant
+
+            def cancel() -> None:
+                cell.cancel(msg)
         else:
             peer = node.peer(self.endpoint, self.pid, self.host)
             peer.check_alive(self.name)
             corr = next(node.corr)
             sink = StreamSink(self.name, method)
             peer.streams[corr] = sink
-            sent = peer.send(Kind.STREAM, corr, self.name, method, deadline, [list(args), kwargs or None], window)
+            sent = peer.send(Kind.STREAM, corr, self.name, method, deadline, [list(args), kwargs or None], window,
+                             ctx=ctx)
             if sent is not None:
                 await peer.wait_sent(sent, deadline, f"{self.name}.{method}")
 

@@ -27,6 +27,7 @@ from .actors import ActorRef as ActorRef
 from .actors import ActorSystem as ActorSystem
 from .actors import CascadaError as CascadaError
 from .actors import ConfigurationError as ConfigurationError
+from .actors import Context as Context
 from .actors import CudaCrossHost as CudaCrossHost
 from .actors import DeadlineExceeded as DeadlineExceeded
 from .actors import HandleNotPortable as HandleNotPortable
@@ -42,6 +43,8 @@ from .actors import TensorPath as TensorPath
 from .actors import Transport as Transport
 from .actors import TransportClosed as TransportClosed
 from .actors import concurrent as concurrent
+from .actors import context as context
+from .actors import current_context as current_context
 from .actors import empty as empty
 from .actors import run as run
 from .actors import via as via
@@ -57,6 +60,7 @@ __all__ = [
     "ActorSystem",
     "CascadaError",
     "ConfigurationError",
+    "Context",
     "CudaCrossHost",
     "DeadlineExceeded",
     "HandleNotPortable",
@@ -72,6 +76,8 @@ __all__ = [
     "Transport",
     "TransportClosed",
     "concurrent",
+    "context",
+    "current_context",
     "empty",
     "run",
     "via",

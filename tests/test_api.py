@@ -18,7 +18,8 @@ EXPECTED = {
     "Actor", "ActorDied", "ActorInitFailed", "ActorNotFound", "ActorRef", "ActorSystem", "CascadaError",
     "ConfigurationError", "CudaCrossHost", "DeadlineExceeded", "HandleNotPortable", "OnExhausted", "Placement",
     "PoolExhausted", "ProtocolError", "RemoteError", "SerializationError", "SystemClosed", "TensorLost",
-    "TensorPath", "Transport", "TransportClosed", "concurrent", "empty", "run", "via",
+    "TensorPath", "Transport", "TransportClosed", "concurrent", "empty", "run", "via", "Context", "context",
+    "current_context",
 }
 
 

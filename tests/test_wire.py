@@ -154,9 +154,22 @@ def test_unknown_ext_code_is_refused() -> None:
 
 
 def test_newer_senders_may_append_fields() -> None:
-    head = msgpack.packb([1, 2, 5, "s", "t", "m", None, [[1], None], None, "inc", "a future field", 3])
+    head = msgpack.packb([1, 2, 5, "s", "t", "m", None, [[1], None], None, "inc", None, "a future field", 3])
     env = Codec().decode([head])
-    assert env.body == [[1], None] and env.incarnation == "inc"
+    assert env.body == [[1], None] and env.incarnation == "inc" and env.ctx is None
+
+
+def test_a_request_context_round_trips_and_bad_ones_are_refused() -> None:
+    codec = Codec()
+    ctx = ["trace", 2.5, 3, ["flow", "tier0", "expert"]]
+    env = codec.decode(codec.encode(Kind.ASK, 1, "s", "t", "m", None, [[], None], ctx=ctx))
+    assert env.ctx == ctx
+    assert codec.decode(codec.encode(Kind.ASK, 1, "s", "t", "m", None, [[], None])).ctx is None
+    for bad in ([], ["", None, 0, []], ["t", "budget", 0, []], ["t", None, -1, []], ["t", None, True, []],
+                ["t", None, 0, ["x"] * 257], ["t", None, 0, [1]], ["t", None, 0, ["n" * 129]], "t"):
+        head = msgpack.packb([1, 1, 5, "s", "t", "m", None, [[], None], None, None, bad])
+        with pytest.raises(ProtocolError, match="request context"):
+            codec.decode([head])
 
 
 @settings(max_examples=400, deadline=None)

@@ -2,7 +2,7 @@
 
 Frame 0 is a msgpack array, positional for speed::
 
-    [version, kind, corr, sender, target, method, deadline, body, opts, incarnation]
+    [version, kind, corr, sender, target, method, deadline, body, opts, incarnation(, ctx)]
 
 - ``version`` is the format version (1). A receiver rejects versions it does not know.
 - ``kind`` is a :class:`Kind`. ``corr`` is the correlation id, unique per sending connection.
@@ -13,6 +13,9 @@ Frame 0 is a msgpack array, positional for speed::
   stream items, ``[code, type, message, traceback, details]`` for errors.
 - ``opts`` is a small int (the credit window of a stream, the credit granted).
 - ``incarnation`` names the incarnation of the actor a reply comes from.
+- ``ctx``, present only on requests that carry one, is the request context
+  ``[trace_id, budget, depth, path]`` (see cascada's ``Context``): trace_id a string, budget
+  a number or nil, depth an int, path an array of at most ``MAX_CTX_PATH`` actor names.
 
 A frame may also be a **batch**: the byte 0xC1 (which msgpack never uses, so a decoder that
 predates batches rejects it loudly) followed by several headers back to back. Senders batch
@@ -65,6 +68,8 @@ MAX_EXT_DEPTH = 64
 # allocate: about 70 x this. Tensors travel out of band and do not count against it.
 DEFAULT_MAX_HEADER_BYTES = 1 << 20
 
+MAX_CTX_PATH = 256  # actor names a request context's path may hold
+
 BATCH_MARKER = b"\xc1"
 MAX_BATCH_DECODE = 4096  # messages in one batch frame a receiver accepts
 
@@ -98,6 +103,7 @@ class Envelope:
         "opts",
         "incarnation",
         "owners",
+        "ctx",
     )
 
     def __init__(
@@ -111,6 +117,7 @@ class Envelope:
         body: Any,
         opts: int | None = None,
         incarnation: str | None = None,
+        ctx: list[Any] | None = None,
     ) -> None:
         self.kind = kind
         self.corr = corr
@@ -121,6 +128,7 @@ class Envelope:
         self.body = body
         self.opts = opts
         self.incarnation = incarnation
+        self.ctx = ctx
         # pids of the processes that own leased tensors in this message (shm, CUDA IPC):
         # if one has died by the time the message is handled, it fails with TensorLost.
         self.owners: list[int] | None = None
@@ -247,14 +255,20 @@ class Codec:
         body: Any,
         opts: int | None = None,
         incarnation: str | None = None,
+        ctx: list[Any] | None = None,
     ) -> list[Any]:
         """The frames of one message: the header, then any out-of-band buffers."""
         oob: list[Any] = []
         self._oob = oob
         try:
-            head = self._packer.pack(
-                [VERSION, int(kind), corr, sender, target, method, deadline, body, opts, incarnation]
-            )
+            if ctx is None:
+                head = self._packer.pack(
+                    [VERSION, int(kind), corr, sender, target, method, deadline, body, opts, incarnation]
+                )
+            else:
+                head = self._packer.pack(
+                    [VERSION, int(kind), corr, sender, target, method, deadline, body, opts, incarnation, ctx]
+                )
         except BaseException as exc:
             self._packer.reset()
             self._depth = 0
@@ -445,6 +459,7 @@ def _validate(h: Any) -> Envelope:
         raise ProtocolError("header is not an array of at least 9 fields")
     version, kind, corr, sender, target, method, deadline, body, opts = h[:9]
     incarnation = h[9] if len(h) > 9 else None
+    ctx = h[10] if len(h) > 10 else None
     if type(version) is not int or version != VERSION:
         raise ProtocolError(f"wire version {show(version)} is not supported (this side speaks {VERSION})")
     k = _KIND_BY_VALUE.get(kind) if type(kind) is int else None
@@ -459,6 +474,8 @@ def _validate(h: Any) -> Envelope:
         raise ProtocolError("deadline must be a number or nil")
     if opts is not None and type(opts) is not int:
         raise ProtocolError("opts must be an int or nil")
+    if ctx is not None:
+        _check_ctx(ctx)
     if k in REQUEST_KINDS:
         if method is None:
             raise ProtocolError(f"{k.name} without a method")
@@ -483,7 +500,25 @@ def _validate(h: Any) -> Envelope:
     elif k is Kind.CREDIT:
         if opts is None or opts <= 0:
             raise ProtocolError("credit without a positive amount")
-    return Envelope(k, corr, sender, target, method, deadline, body, opts, incarnation)
+    return Envelope(k, corr, sender, target, method, deadline, body, opts, incarnation, ctx)
+
+
+def _check_ctx(ctx: Any) -> None:
+    if (
+        type(ctx) is not list
+        or len(ctx) != 4
+        or type(ctx[0]) is not str
+        or not 0 < len(ctx[0]) <= 128
+        or type(ctx[1]) not in _NUMBER_OR_NONE
+        or type(ctx[2]) is not int
+        or not 0 <= ctx[2] <= 1 << 20
+        or type(ctx[3]) is not list
+        or len(ctx[3]) > MAX_CTX_PATH
+        or not all(type(name) is str and len(name) <= 128 for name in ctx[3])
+    ):
+        raise ProtocolError(
+            f"request context is not [trace_id, budget, depth, path] with a path of at most {MAX_CTX_PATH} names"
+        )
 
 
 def error_body(
