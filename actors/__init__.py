@@ -11,9 +11,11 @@ from ._errors import (
     ConfigurationError,
     DeadlineExceeded,
     HandleNotPortable,
+    Overloaded,
     PoolExhausted,
     ProtocolError,
     RemoteError,
+    RestartIntensityExceeded,
     SerializationError,
     SystemClosed,
     TensorLost,
@@ -21,6 +23,7 @@ from ._errors import (
 )
 from ._loop import run
 from ._ref import ActorRef
+from ._supervision import RestartType, Strategy, Supervisor
 from ._system import ActorSystem, CudaCrossHost, OnExhausted, Placement, Transport
 from ._tensor_api import TensorPath, empty, via
 
@@ -38,11 +41,16 @@ __all__ = [
     "DeadlineExceeded",
     "HandleNotPortable",
     "OnExhausted",
+    "Overloaded",
     "Placement",
     "PoolExhausted",
     "ProtocolError",
     "RemoteError",
+    "RestartIntensityExceeded",
+    "RestartType",
     "SerializationError",
+    "Strategy",
+    "Supervisor",
     "SystemClosed",
     "TensorLost",
     "TensorPath",

@@ -57,6 +57,8 @@ class ActorCell:
         self._current: asyncio.Task[None] | None = None
         # Handlers share one context, eager or not, as they would in the cell's one task.
         self._ctx = contextvars.copy_context()
+        self.crashed: ActorDied | None = None
+        self._side_tasks: set[asyncio.Task[None]] = set()  # concurrent handlers running now
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -116,6 +118,27 @@ class ActorCell:
         if msg.reply is not None:
             msg.reply.fail(ActorDied(f"actor {self.name!r} is stopping; the message was not run", actor=self.name), "died")
 
+    def crash(self, why: str) -> None:
+        """Tear the actor down at once, as if its process died: queued and running calls fail
+        with ActorDied (they may or may not have run), on_stop does not run."""
+        if self.crashed is not None or not self.running:
+            return
+        err = self.crashed = ActorDied(f"actor {self.name!r} {why}; the call may or may not have run", actor=self.name)
+        self.stopping = True
+        self.running = False
+        self.node.cells.pop(self.name, None)
+        self.node.tombstones[self.name] = err
+        while self.mailbox:
+            msg = self.mailbox.popleft()
+            if msg.reply is not None:
+                msg.reply.fail(err, "died")
+        for task in (self._task, self._current, *self._side_tasks):
+            if task is not None and not task.done():
+                task.cancel()
+        room = self._room
+        if room is not None and not room.done():
+            room.set_result(None)
+
     def cancel(self, msg: Message) -> None:
         """The caller gave up on msg: skip it if it is still queued, cancel its handler if it
         runs (the CancelledError reaches the handler at its current await, so the calls it
@@ -165,9 +188,11 @@ class ActorCell:
                 await self._handle(msg)
         finally:
             self.running = False
-            self.node.cells.pop(self.name, None)
+            if self.node.cells.get(self.name) is self:
+                self.node.cells.pop(self.name, None)
             try:
-                await self.instance.on_stop()
+                if self.crashed is None:
+                    await self.instance.on_stop()
             finally:
                 if self._stopped is not None and not self._stopped.done():
                     self._stopped.set_result(None)
@@ -205,7 +230,7 @@ class ActorCell:
                                               "generator): call it with ask or tell"), "not_found")
                 return
             if handler.concurrent:
-                self.node.tasks.spawn(self._pump(msg, handler), name=f"stream {self.name}.{msg.method}")
+                self._side(self.node.tasks.spawn(self._pump(msg, handler), name=f"stream {self.name}.{msg.method}"))
             else:
                 await self._pump(msg, handler)
             return
@@ -214,9 +239,17 @@ class ActorCell:
                                           "call it with ref.stream"), "not_found")
             return
         if handler.concurrent:
-            self.node.tasks.spawn(self._call(msg, handler), name=f"{self.name}.{msg.method}")
+            self._side(self.node.tasks.spawn(self._call(msg, handler), name=f"{self.name}.{msg.method}"))
         else:
             await self._call(msg, handler)
+
+    def _side(self, task: asyncio.Task[None]) -> None:
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    def _crashed_under(self, msg: Message) -> None:
+        if self.crashed is not None and msg.reply is not None:
+            msg.reply.fail(self.crashed, "died")
 
     def _fail(self, msg: Message, exc: BaseException, code: str) -> None:
         self.stats.failed += 1
@@ -283,6 +316,7 @@ class ActorCell:
             result = await suspended
         except asyncio.CancelledError:
             if not _ended(msg):
+                self._crashed_under(msg)
                 raise
         except Exception as exc:
             _ended(msg)
@@ -311,6 +345,7 @@ class ActorCell:
                 result = await result
         except asyncio.CancelledError:
             if not _ended(msg):
+                self._crashed_under(msg)
                 raise
             return
         except Exception as exc:
@@ -350,6 +385,7 @@ class ActorCell:
             self.stats.handled += 1
         except asyncio.CancelledError:
             if not _ended(msg):
+                self._crashed_under(msg)
                 raise
         except Exception as exc:
             self._fail(msg, exc, "remote")

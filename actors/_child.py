@@ -13,6 +13,7 @@ from ..transport._endpoints import host_id
 from ._actor import Actor
 from ._cell import ActorCell
 from ._errors import CascadaError
+from ._heartbeat import send_beats
 from ._loop import run
 from ._node import Node, NodeConfig
 from ._ref import ActorRef, current_node
@@ -26,8 +27,13 @@ async def _serve(header: dict[str, Any], blob: bytes) -> int:
     name: str = header["name"]
     incarnation: str = header["incarnation"]
     node = Node(header["node_id"], header["endpoint"], NodeConfig.from_dict(header["config"]))
+    node.incarnation = incarnation
     current_node.set(node)
     await node.start()
+    heartbeat = header.get("heartbeat")
+    if heartbeat is not None:
+        # From this loop, so a loop that stops turning stops the beats too.
+        node.tasks.spawn(send_beats(heartbeat[0], heartbeat[1]), name="heartbeat")
     parent = node.peer(header["parent"], header["parent_pid"], host_id())
     loop = asyncio.get_running_loop()
     exit_now = loop.create_future()

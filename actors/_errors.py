@@ -17,6 +17,9 @@
     │                                     the message that carried it ran; it did not run
     ├── PoolExhausted                     no room in the shared-memory pool before the deadline
     ├── HandleNotPortable                 a CUDA tensor addressed to another host, copying off
+    ├── RestartIntensityExceeded          a supervisor restarted too often and escalated
+    ├── Overloaded                        the callee's mailbox stayed full until the deadline;
+    │                                     the message was not delivered (safe to retry)
     └── RemoteError                       the handler raised; carries the remote type, message
                                           and traceback text
 
@@ -47,8 +50,10 @@ __all__ = [
     "DeadlineExceeded",
     "HandleNotPortable",
     "PoolExhausted",
+    "Overloaded",
     "ProtocolError",
     "RemoteError",
+    "RestartIntensityExceeded",
     "SerializationError",
     "SystemClosed",
     "TensorLost",
@@ -120,3 +125,21 @@ class ActorInitFailed(CascadaError):
         if self.remote_traceback:
             text += "\n\nRemote traceback:\n" + self.remote_traceback.rstrip()
         return text
+
+
+class RestartIntensityExceeded(CascadaError):
+    """A supervisor saw more restarts than its intensity allows within its period. It stopped
+    its children (in reverse start order) and escalated to its own supervisor; at the top,
+    the children stay stopped and calls to them fail with ActorDied naming this error."""
+
+    def __init__(self, message: str, *, supervisor: str, actor: str, count: int, period: float) -> None:
+        super().__init__(message)
+        self.supervisor = supervisor
+        self.actor = actor
+        self.count = count
+        self.period = period
+
+
+class Overloaded(CascadaError):
+    """The callee's mailbox (or the way to it) stayed full until the call's deadline. The
+    message was not delivered and did not run: it is safe to retry later."""

@@ -153,11 +153,13 @@ LEASE_SWEEP_INTERVAL = 0.25  # seconds between checks for dead consumers while l
 
 
 class NodeStats:
-    __slots__ = ("rejected_frames", "late_replies", "unroutable_replies", "tell_failures", "received", "sent")
+    __slots__ = ("rejected_frames", "late_replies", "stale_replies", "unroutable_replies", "tell_failures", "received",
+                 "sent")
 
     def __init__(self) -> None:
         self.rejected_frames = 0
         self.late_replies = 0
+        self.stale_replies = 0  # replies from an incarnation that was replaced: fenced off
         self.unroutable_replies = 0
         self.tell_failures = 0
         self.received = 0
@@ -198,6 +200,14 @@ class Node:
         self.streams: dict[tuple[bytes, int], StreamCredit] = {}
         # Requests from remote callers not answered yet, so a CANCEL can find them.
         self.running: dict[tuple[bytes, int], Message] = {}
+        self.incarnation: str | None = None  # of the actor this node hosts (stamped on replies)
+        # endpoint -> (pid, incarnation) of an actor restarted there: a peer made from an old
+        # ref takes these, not the ref's stale pid.
+        self.endpoint_pids: dict[str, tuple[int, str | None]] = {}
+        # Actors of this node that died and were not restarted (or wait for it): calls to
+        # them fail with this, not ActorNotFound.
+        self.tombstones: dict[str, BaseException] = {}
+        self.dead_endpoints: dict[str, ActorDied] = {}  # the same, by address, for peers made later
         self.stats = NodeStats()
         self.tasks = TaskSet(f"node {node_id}")
         self.corr = itertools.count(1)
@@ -235,6 +245,7 @@ class Node:
         self._thread = threading.get_ident()
         self.tensors.pool_waker = self._wake_room
         self.control_sync["lease.release"] = self._on_lease_release
+        self.control_sync["peer.update"] = self._on_peer_update
 
     @property
     def context(self) -> zmq.Context[Any]:
@@ -449,7 +460,7 @@ class Node:
                       deadline: float | None = None) -> asyncio.Future[None] | None:
         self.tensors.dest = self.dest_for(identity)
         try:
-            frames = self.codec.encode(kind, corr, None, None, None, None, body)
+            frames = self.codec.encode(kind, corr, None, None, None, None, body, None, self.incarnation)
         except PoolBusy:
             raise
         except CascadaError as exc:
@@ -474,7 +485,8 @@ class Node:
         return f"{self.pid}.{next(self._routing_ids)}.{self.host[:12]}".encode()
 
     def send_error(self, identity: bytes, corr: int, code: str, type_name: str, message: str, tb: str | None) -> None:
-        frames = self.codec.encode(Kind.ERROR, corr, None, None, None, None, error_body(code, type_name, message, tb))
+        frames = self.codec.encode(Kind.ERROR, corr, None, None, None, None, error_body(code, type_name, message, tb),
+                                   None, self.incarnation)
         self._route(identity, frames)
 
     def _route(self, identity: bytes, frames: list[Any]) -> asyncio.Future[None] | None:
@@ -497,9 +509,40 @@ class Node:
         if peer is None:
             if self.closed:
                 raise SystemClosed(f"node {self.id} is closed")
-            peer = Peer(self, endpoint, pid, host)
+            moved = self.endpoint_pids.get(endpoint)
+            peer = Peer(self, endpoint, pid if moved is None else moved[0], host)
+            if moved is not None:
+                peer.incarnation = moved[1]
+            peer.dead = self.dead_endpoints.get(endpoint)
             self.peers[endpoint] = peer
         return peer
+
+    def bury(self, endpoint: str, died: ActorDied) -> None:
+        """Calls to endpoint fail with died from now on (until an actor is restarted there)."""
+        if len(self.dead_endpoints) > 65536:
+            self.dead_endpoints.clear()
+        self.dead_endpoints[endpoint] = died
+        peer = self.peers.get(endpoint)
+        if peer is not None:
+            peer.dead = died
+
+    def update_peer(self, endpoint: str, pid: int, incarnation: str | None) -> None:
+        """A restarted actor listens at endpoint again, as pid: talk to it from now on, and
+        fence off replies from the incarnation before."""
+        if len(self.endpoint_pids) > 65536:
+            self.endpoint_pids.clear()
+        self.endpoint_pids[endpoint] = (pid, incarnation)
+        self.dead_endpoints.pop(endpoint, None)
+        peer = self.peers.get(endpoint)
+        if peer is not None:
+            peer.revive(pid, incarnation)
+
+    def _on_peer_update(self, env: Envelope) -> None:
+        args = env.body[0]
+        if not (len(args) == 3 and type(args[0]) is str and type(args[1]) is int
+                and type(args[2]) in (str, type(None))):
+            raise ProtocolError("peer.update needs [endpoint, pid, incarnation]")
+        self.update_peer(args[0], args[1], args[2])
 
     async def call(self, peer: Peer, target: str | None, method: str, args: Any,
                    kwargs: dict[str, Any] | None = None, *, timeout: float | None = None,
@@ -782,6 +825,8 @@ class Peer:
         self.streams: dict[int, StreamSink] = {}
         self.dead: ActorDied | None = None
         self.connected = False
+        self.host = host
+        self.incarnation: str | None = None  # when known: replies from any other are stale
         self.dest = Destination(self.same_host, (host, pid))
         self._queue: _SendQueue | None = None  # sends waiting for room in the shm pool
         ctx = node.context
@@ -805,6 +850,13 @@ class Peer:
         self._fail_all(exc)
         self.sock.close()
         self._mon.close()
+
+    def revive(self, pid: int, incarnation: str | None) -> None:
+        """The actor behind this endpoint was restarted as pid: the socket reconnects by itself."""
+        self.pid = pid
+        self.dest = Destination(self.same_host, (self.host, pid))
+        self.incarnation = incarnation
+        self.dead = None
 
     # -- replies -------------------------------------------------------------------------
 
@@ -832,6 +884,9 @@ class Peer:
     def _on_reply_env(self, env: Envelope) -> None:
         node = self.node
         kind = env.kind
+        if env.incarnation is not None and self.incarnation is not None and env.incarnation != self.incarnation:
+            node.stats.stale_replies += 1  # from an incarnation since replaced: never delivered
+            return
         if kind is Kind.REPLY:
             entry = self.calls.pop(env.corr, None)
             if entry is None:

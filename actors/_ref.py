@@ -192,6 +192,10 @@ class ActorRef:
 def _not_here(ref: ActorRef, node: Node) -> BaseException:
     from ._errors import ActorNotFound
 
+    dead = node.tombstones.get(ref.name)
+    if dead is not None:
+        return dead
+
     return ActorNotFound(f"no actor named {ref.name!r} on node {node.id} (it was stopped, or never spawned here)")
 
 

@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import signal
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -16,12 +17,15 @@ from ..transport._wire import DEFAULT_MAX_HEADER_BYTES
 from ..transport._errors import ConfigurationError
 from ..transport._shm import sweep_dead_segments
 from ..transport._tensors import DEFAULT_INLINE_MAX, TensorOptions
+from ..transport._wire import Kind
 from ._actor import Actor
 from ._cell import ActorCell
-from ._errors import ActorDied, ActorInitFailed, ActorNotFound, CascadaError, SystemClosed
+from ._errors import ActorDied, ActorInitFailed, ActorNotFound, CascadaError, RestartIntensityExceeded, SystemClosed
+from ._heartbeat import HeartbeatMonitor
 from ._node import Node, NodeConfig
 from ._ref import ActorRef, current_node
 from ._spawner import Spawner, pickle_spec
+from ._supervision import RestartType, Strategy, Supervisor, SupervisorState, check_restart
 
 Placement = Literal["process", "local"]
 Transport = Literal["ipc", "tcp"]
@@ -33,12 +37,30 @@ _NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 
 
 class _Child:
-    __slots__ = ("ref", "pid", "exited")
+    __slots__ = ("ref", "pid", "exited", "stopping")
 
     def __init__(self, ref: ActorRef, pid: int, exited: asyncio.Future[int]) -> None:
         self.ref = ref
         self.pid = pid
         self.exited = exited
+        self.stopping = False  # stopped on purpose: its exit is not a failure
+
+
+class _Spec:
+    """How to start an actor again: what the supervisor needs to restart it."""
+
+    __slots__ = ("cls", "args", "kwargs", "placement", "restart", "supervisor", "blob", "endpoint")
+
+    def __init__(self, cls: type[Actor], args: tuple[Any, ...], kwargs: dict[str, Any], placement: Placement,
+                 restart: RestartType, supervisor: str) -> None:
+        self.cls = cls
+        self.args = args
+        self.kwargs = kwargs
+        self.placement = placement
+        self.restart = restart
+        self.supervisor = supervisor
+        self.blob: bytes | None = None  # the pickled class and arguments, for a process actor
+        self.endpoint: str | None = None  # where it listens: a restart binds the same one
 
 
 def describe_exit(code: int) -> str:
@@ -80,6 +102,14 @@ class ActorSystem:
       frame) or ``"error"``. ``lease_ttl``: seconds after which a lease that no consumer took
       up is reclaimed (None: only when the consumer dies). ``cuda_cross_host``: ``"copy"``
       (stage a CUDA tensor through host memory) or ``"error"`` (HandleNotPortable).
+    - Liveness: every actor process's event loop sends a heartbeat each
+      ``heartbeat_interval`` seconds on a channel of its own; one silent for
+      ``heartbeat_interval x heartbeat_liveness`` seconds (SIGSTOPped, or a handler blocking
+      its loop) is declared unresponsive and killed, and its supervisor takes over.
+      ``heartbeat_interval=None`` turns heartbeats off.
+    - Supervision: every actor has a supervisor; without ``supervisor=`` in ``spawn`` it is
+      the system's root supervisor (one_for_one, ``restart_intensity`` restarts in
+      ``restart_period`` seconds). Actors are ``restart="temporary"`` unless spawned otherwise.
     """
 
     def __init__(
@@ -103,6 +133,10 @@ class ActorSystem:
         shm_on_exhausted: OnExhausted = "wait",
         lease_ttl: float | None = 60.0,
         cuda_cross_host: CudaCrossHost = "copy",
+        heartbeat_interval: float | None = 0.5,
+        heartbeat_liveness: int = 10,
+        restart_intensity: int = 3,
+        restart_period: float = 5.0,
     ) -> None:
         if isinstance(preload, str) or not all(isinstance(m, str) and m for m in preload):
             raise ConfigurationError(f"preload must be a sequence of module names, got {preload!r}")
@@ -143,6 +177,23 @@ class ActorSystem:
         self._count = 0
         self._closing = False
         self._dead_pids: set[int] = set()  # children gone: their shm segments are swept
+        if heartbeat_interval is not None and not (isinstance(heartbeat_interval, (int, float))
+                                                   and 0.001 <= heartbeat_interval <= 3600):
+            raise ConfigurationError(f"heartbeat_interval must be seconds in [0.001, 3600] or None, got {heartbeat_interval!r}")
+        if not (isinstance(heartbeat_liveness, int) and not isinstance(heartbeat_liveness, bool)
+                and heartbeat_liveness >= 2):
+            raise ConfigurationError(f"heartbeat_liveness must be an int >= 2 (missed beats before a process "
+                                     f"is declared unresponsive), got {heartbeat_liveness!r}")
+        self._hb_interval = None if heartbeat_interval is None else float(heartbeat_interval)
+        self._hb_liveness = heartbeat_liveness
+        self._hb: HeartbeatMonitor | None = None
+        self._silent: dict[int, str] = {}  # pid -> why it was declared unresponsive
+        self._dead_pids_silent: set[int] = set()
+        root = SupervisorState("root", "one_for_one", restart_intensity, restart_period, None, "permanent")
+        self._sups: dict[str, SupervisorState] = {"root": root}
+        self._specs: dict[str, _Spec] = {}
+        self._sup_locks: dict[str, asyncio.Lock] = {}
+        self._escalations: list[RestartIntensityExceeded] = []
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -159,6 +210,9 @@ class ActorSystem:
             raise
         node.control["spawn_ready"] = self._on_spawn_ready
         node.control["spawn_failed"] = self._on_spawn_failed
+        if self._hb_interval is not None:
+            self._hb = HeartbeatMonitor(os.path.join(self._dir.path, "hb.sock"), self._hb_interval,
+                                        self._hb_liveness, self._on_silent)
         self._node = node
         self._spawner = Spawner(self._preload, self._on_child_exit)
         self._ctx_token = current_node.set(node)
@@ -197,6 +251,8 @@ class ActorSystem:
         finally:
             if self._spawner is not None:
                 await self._spawner.close()
+            if self._hb is not None:
+                await self._hb.close()
             await self._node.close()
             sweep_dead_segments(pids=self._dead_pids)
             if self._dir is not None:
@@ -211,13 +267,22 @@ class ActorSystem:
     # -- spawning --------------------------------------------------------------------------
 
     async def spawn(self, cls: type[Actor], /, *args: Any, name: str | None = None,
-                    placement: Placement = "process", **kwargs: Any) -> ActorRef:
+                    placement: Placement = "process", supervisor: ActorRef | None = None,
+                    restart: RestartType = "temporary", **kwargs: Any) -> ActorRef:
         """Start an actor and return its ref once it is ready (``on_start`` has run).
 
         ``placement="process"`` runs it in its own OS process; ``"local"`` in this process
         and event loop. Raises ActorInitFailed if the constructor or ``on_start`` raised, with
-        the remote traceback; nothing of the actor is left running then."""
+        the remote traceback; nothing of the actor is left running then.
+
+        ``supervisor`` (a ref from ``system.supervisor``; default the root supervisor) and
+        ``restart`` (``"permanent"``: restarted after any exit; ``"transient"``: only after an
+        abnormal one; ``"temporary"``: never) say what happens when it dies. A restarted
+        actor is a new incarnation on the same address: refs keep working for new calls,
+        calls pending on the old one fail with ActorDied."""
         node = self.node
+        restart = check_restart(restart)
+        sup = self._sup_for(supervisor)
         if self._closing:
             raise SystemClosed("the ActorSystem is shutting down; no more actors can be spawned")
         if not (isinstance(cls, type) and issubclass(cls, Actor)):
@@ -234,18 +299,77 @@ class ActorSystem:
             raise ConfigurationError(f"actor name {name!r} must be 1-128 characters of letters, digits, _ . : -")
         if name in self._refs or name in self._starting:
             raise ConfigurationError(f"an actor named {name!r} already exists in this system")
-        incarnation = secrets.token_hex(4)
+        spec = _Spec(cls, args, kwargs, placement, restart, sup.name)
         self._starting.add(name)
         try:
-            if placement == "local":
-                ref = await self._spawn_local(node, cls, args, kwargs, name, incarnation)
-            else:
-                ref = await self._spawn_process(node, cls, args, kwargs, name, incarnation)
+            ref = await self._start(node, name, spec)
         finally:
             self._starting.discard(name)
         self._refs[name] = ref
         self._order.append(name)
+        self._specs[name] = spec
+        sup.children.append(name)
+        sup.event("start", name, pid=ref.pid, incarnation=ref.incarnation)
+        node.tombstones.pop(name, None)
         return ref
+
+    async def _start(self, node: Node, name: str, spec: _Spec) -> ActorRef:
+        incarnation = secrets.token_hex(4)
+        if spec.placement == "local":
+            return await self._spawn_local(node, spec.cls, spec.args, spec.kwargs, name, incarnation)
+        return await self._spawn_process(node, spec, name, incarnation)
+
+    async def supervisor(self, name: str | None = None, *, strategy: Strategy = "one_for_one", intensity: int = 1,
+                         period: float = 5.0, supervisor: ActorRef | None = None,
+                         restart: RestartType = "permanent") -> ActorRef:
+        """Make a supervisor (an actor in this process) and return its ref; spawn children
+        under it with ``spawn(..., supervisor=ref, restart=...)``. Children start in the order
+        they are spawned and stop in reverse. ``strategy``: ``"one_for_one"`` restarts only
+        the child that failed, ``"one_for_all"`` all of them, ``"rest_for_one"`` it and those
+        started after it. More than ``intensity`` restarts within ``period`` seconds and it
+        stops its children and escalates to its own ``supervisor`` (default: the root),
+        which restarts it (and so its children) as its ``restart`` type says."""
+        parent = self._sup_for(supervisor)
+        if name is None:
+            self._count += 1
+            name = f"supervisor-{self._count}"
+        if name in self._refs or name in self._starting:
+            raise ConfigurationError(f"an actor named {name!r} already exists in this system")
+        state = SupervisorState(name, strategy, intensity, period, parent, check_restart(restart))
+        ref = await self.spawn(Supervisor, self, state, name=name, placement="local", supervisor=supervisor,
+                               restart="temporary")
+        self._specs[name].restart = state.restart
+        self._sups[name] = state
+        return ref
+
+    @property
+    def escalations(self) -> list[RestartIntensityExceeded]:
+        """Every supervisor that gave up (more restarts than its intensity), oldest first. One
+        whose own supervisor did not restart it keeps its children stopped."""
+        return list(self._escalations)
+
+    def _sup_for(self, ref: ActorRef | None) -> SupervisorState:
+        if ref is None:
+            return self._sups["root"]
+        if not isinstance(ref, ActorRef) or ref.name not in self._sups:
+            raise ConfigurationError(f"supervisor must be a ref returned by ActorSystem.supervisor, got {ref!r}")
+        state = self._sups[ref.name]
+        if state.failed is not None:
+            raise ConfigurationError(f"supervisor {ref.name!r} has escalated ({state.failed}); it takes no children")
+        return state
+
+    def _children_of(self, sup: SupervisorState) -> list[dict[str, Any]]:
+        out = []
+        for child in sup.children:
+            spec = self._specs.get(child)
+            up = self._refs.get(child)
+            proc = self._children.get(child)
+            alive = up is not None and (proc is None or not proc.exited.done()) and child not in self.node.tombstones
+            out.append({"name": child, "kind": "supervisor" if child in self._sups else "actor",
+                        "restart": spec.restart if spec else None,
+                        "pid": up.pid if alive and up is not None else None,
+                        "incarnation": up.incarnation if alive and up is not None else None})
+        return out
 
     async def _spawn_local(self, node: Node, cls: type[Actor], args: tuple[Any, ...], kwargs: dict[str, Any],
                            name: str, incarnation: str) -> ActorRef:
@@ -263,16 +387,19 @@ class ActorSystem:
                                   actor=name, remote_traceback="".join(traceback.format_exception(exc))) from exc
         return ref
 
-    async def _spawn_process(self, node: Node, cls: type[Actor], args: tuple[Any, ...], kwargs: dict[str, Any],
-                             name: str, incarnation: str) -> ActorRef:
+    async def _spawn_process(self, node: Node, spec: _Spec, name: str, incarnation: str) -> ActorRef:
         assert self._spawner is not None and self._dir is not None
-        blob = pickle_spec(cls, args, kwargs)
-        endpoint = self._new_endpoint()
+        cls = spec.cls
+        if spec.blob is None:
+            spec.blob = pickle_spec(cls, spec.args, spec.kwargs)
+        blob = spec.blob
+        endpoint = spec.endpoint or self._new_endpoint()
         token = secrets.token_hex(8)
         header = {
             "name": name, "incarnation": incarnation, "node_id": f"{name}-{incarnation}",
             "endpoint": endpoint, "parent": node.endpoint, "parent_pid": node.pid,
             "token": token, "config": self.config.to_dict(),
+            "heartbeat": None if self._hb is None else [self._hb.path, self._hb.interval],
         }
         ready: asyncio.Future[Any] = node.loop.create_future()
         self._pending_spawns[token] = (ready, name)
@@ -285,8 +412,11 @@ class ActorSystem:
                                          return_when=asyncio.FIRST_COMPLETED)
             if ready in done:
                 endpoint = ready.result()  # raises ActorInitFailed when on_start or the constructor raised
+                spec.endpoint = endpoint
                 ref = ActorRef(name, endpoint, pid, node.host, incarnation, node=node)
                 self._children[name] = _Child(ref, pid, exited)
+                if self._hb is not None:
+                    self._hb.watch(pid)
                 return ref
             if exited in done:
                 raise ActorInitFailed(f"actor {name!r} ({cls.__qualname__}): its process "
@@ -295,6 +425,7 @@ class ActorSystem:
                                   f"spawn_timeout={self._spawn_timeout}s", actor=name)
         except BaseException:
             if pid is not None:
+                self._dead_pids.add(pid)
                 await self._reap(pid)
             path = ipc_path(endpoint)
             if path is not None and os.path.exists(path):
@@ -336,13 +467,16 @@ class ActorSystem:
                                               remote_traceback=tb))
 
     def _on_child_exit(self, pid: int, code: int) -> None:
+        if self._hb is not None:
+            self._hb.forget(pid)
         name = self._by_pid.get(pid)
         if name is None or self._node is None:
             return
         child = self._children.get(name)
-        if child is None:
+        if child is None or child.pid != pid:
             return
-        self._node.peer_died(child.ref.endpoint, f"actor {name!r} (pid {pid}) {describe_exit(code)}", code)
+        why = self._silent.pop(pid, None) or describe_exit(code)
+        self._node.peer_died(child.ref.endpoint, f"actor {name!r} (pid {pid}) {why}", code)
         self._node.process_died(pid)
         self._dead_pids.add(pid)
         # A SIGKILLed process cannot unlink its pool; consumers of those segments have
@@ -354,42 +488,229 @@ class ActorSystem:
                 os.unlink(path)  # a SIGKILLed process cannot remove its own socket file
             except OSError:
                 pass
+        if not child.stopping:
+            self._by_pid.pop(pid, None)
+            if self._spawner is not None:
+                self._spawner.forget(pid)
+        if not child.stopping and not self._closing and name in self._specs:
+            abnormal = code != 0 or pid in self._dead_pids_silent
+            self._node.tasks.spawn(self._child_failed(name, f"pid {pid} {why}", abnormal),
+                                   name=f"supervise {name}")
+
+    def _on_silent(self, pid: int, quiet: float) -> None:
+        """A watched process stopped beating: fence it (SIGKILL) before anything replaces it;
+        its exit then goes to its supervisor as an abnormal one."""
+        name = self._by_pid.get(pid)
+        assert self._hb is not None
+        why = (f"was declared unresponsive: no heartbeat for {quiet:.2f}s (heartbeat_interval "
+               f"{self._hb.interval:g}s x liveness {self._hb.liveness}); it was killed")
+        self._silent[pid] = why
+        self._dead_pids_silent.add(pid)
+        child = self._children.get(name) if name is not None else None
+        if child is not None and self._node is not None:
+            sup = self._sups.get(self._specs[name].supervisor) if name in self._specs else None
+            if sup is not None:
+                sup.event("unresponsive", name, pid=pid, silent_s=round(quiet, 3))
+            # Fail its pending calls now, with the reason, rather than at the exit.
+            self._node.peer_died(child.ref.endpoint, f"actor {name!r} (pid {pid}) {why}", None)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     # -- stopping and looking up -----------------------------------------------------------
 
     async def stop(self, ref: ActorRef) -> None:
         """Stop an actor gracefully: it finishes every message it accepted, runs on_stop and
-        exits. One that does not within stop_timeout gets SIGTERM, then SIGKILL."""
+        exits. One that does not within stop_timeout gets SIGTERM, then SIGKILL. A supervisor
+        stops its children first, newest first. A stopped actor is not restarted."""
+        node = self.node
+        name = ref.name
+        if name not in self._refs:
+            if name in node.tombstones:
+                return  # it died and was not restarted: nothing left to stop
+            raise ActorNotFound(f"no actor named {name!r} in this system")
+        try:
+            await self._terminate(name, final=True)
+        finally:
+            self._forget(name)
+
+    async def kill(self, ref: ActorRef) -> None:
+        """Kill an actor abruptly, as a crash would: a process actor gets SIGKILL; a local one
+        is torn down, its queued and running calls failing with ActorDied. Its supervisor then
+        acts as after any abnormal exit. For tests and fault drills."""
         node = self.node
         name = ref.name
         if name not in self._refs:
             raise ActorNotFound(f"no actor named {name!r} in this system")
-        try:
-            child = self._children.get(name)
-            if child is None:
-                cell = node.cells.get(name)
-                if cell is not None:
-                    await cell.stop()
+        child = self._children.get(name)
+        if child is not None:
+            try:
+                os.kill(child.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
+        cell = node.cells.get(name)
+        if cell is not None and name not in self._sups:
+            cell.crash("was killed")
+            if not self._closing and name in self._specs:
+                node.tasks.spawn(self._child_failed(name, "was killed", True), name=f"supervise {name}")
+
+    async def _terminate(self, name: str, *, final: bool) -> None:
+        """Stop the running incarnation of name (a supervisor: its children, newest first)."""
+        node = self.node
+        sup = self._sups.get(name)
+        if sup is not None:
+            for child in reversed(list(sup.children)):
+                if child in self._refs:
+                    if final:
+                        try:
+                            await self._terminate(child, final=True)
+                        finally:
+                            self._forget(child)
+                    elif self._is_up(child):
+                        await self._terminate(child, final=False)
+            if not final:
                 return
-            if not child.exited.done():
-                peer = node.peer(ref.endpoint, ref.pid, ref.host)
-                try:
-                    await node.call(peer, None, "stop", [], timeout=self._stop_timeout)
-                    await node.call(peer, None, "exit", [], timeout=self._stop_timeout)
-                except CascadaError:
-                    pass  # it died, hangs, or broke the handshake: _reap escalates to signals
-            await self._reap(child.pid)
+        child_proc = self._children.get(name)
+        if child_proc is None:
+            cell = node.cells.get(name)
+            if cell is not None:
+                await cell.stop()
+            return
+        child_proc.stopping = True
+        ref = child_proc.ref
+        if not child_proc.exited.done():
+            peer = node.peer(ref.endpoint, ref.pid, ref.host)
+            try:
+                await node.call(peer, None, "stop", [], timeout=self._stop_timeout)
+                await node.call(peer, None, "exit", [], timeout=self._stop_timeout)
+            except CascadaError:
+                pass  # it died, hangs, or broke the handshake: _reap escalates to signals
+            await self._reap(child_proc.pid)
+        if final:
             peer_ = node.peers.pop(ref.endpoint, None)
             if peer_ is not None:
                 peer_.close(ActorDied(f"actor {name!r} was stopped", actor=name))
-            path = ipc_path(ref.endpoint)
-            if path is not None and os.path.exists(path):
-                os.unlink(path)
-        finally:
-            self._refs.pop(name, None)
-            self._children.pop(name, None)
-            if name in self._order:
-                self._order.remove(name)
+        else:
+            node.peer_died(ref.endpoint, f"actor {name!r} was stopped by its supervisor to be restarted", None)
+        path = ipc_path(ref.endpoint)
+        if path is not None and os.path.exists(path):
+            os.unlink(path)
+
+    def _forget(self, name: str) -> None:
+        self._refs.pop(name, None)
+        self._children.pop(name, None)
+        if name in self._order:
+            self._order.remove(name)
+        spec = self._specs.pop(name, None)
+        if spec is not None:
+            sup = self._sups.get(spec.supervisor)
+            if sup is not None and name in sup.children:
+                sup.children.remove(name)
+        self._sups.pop(name, None)
+
+    def _is_up(self, name: str) -> bool:
+        if name in self._sups:
+            return self._sups[name].failed is None
+        proc = self._children.get(name)
+        if proc is not None:
+            return not proc.exited.done() and not proc.stopping
+        return self._node is not None and name in self._node.cells
+
+    # -- supervision -------------------------------------------------------------------------
+
+    async def _child_failed(self, name: str, why: str, abnormal: bool) -> None:
+        spec = self._specs.get(name)
+        if spec is None or self._closing:
+            return
+        sup = self._sups[spec.supervisor]
+        sup.event("exit", name, reason=why, abnormal=abnormal)
+        if spec.restart == "temporary" or (spec.restart == "transient" and not abnormal):
+            died = ActorDied(f"actor {name!r} {why}; it is {spec.restart} and was not restarted", actor=name)
+            self.node.tombstones[name] = died
+            proc = self._children.get(name)
+            if proc is not None:
+                self.node.bury(proc.ref.endpoint, died)
+            self._forget(name)
+            return
+        await self._restart(sup, name)
+
+    async def _restart(self, sup: SupervisorState, name: str) -> None:
+        lock = self._sup_locks.setdefault(sup.name, asyncio.Lock())
+        failed_start: str | None = None
+        async with lock:
+            if self._closing or sup.failed is not None or name not in self._specs or self._is_up(name):
+                return
+            err = sup.note_restart(name)
+            if err is not None:
+                await self._escalate(sup, err)
+                return
+            affected = sup.affected(name)
+            for other in reversed(affected):
+                if other != name and self._is_up(other):
+                    sup.event("stop", other, reason=f"{sup.strategy}: {name!r} failed")
+                    await self._terminate(other, final=False)
+            for child in affected:
+                if self._closing:
+                    return
+                try:
+                    await self._start_again(child)
+                except (CascadaError, OSError) as exc:
+                    sup.event("start_failed", child, error=str(exc).splitlines()[0])
+                    failed_start = child
+                    break
+                ref = self._refs.get(child)
+                sup.event("restart", child, pid=None if ref is None else ref.pid,
+                          incarnation=None if ref is None else ref.incarnation)
+        if failed_start is not None:
+            await self._restart(sup, failed_start)  # a failed start counts against the intensity too
+
+    async def _start_again(self, name: str) -> None:
+        node = self.node
+        sub = self._sups.get(name)
+        if sub is not None:
+            sub.failed = None
+            sub.restarts.clear()
+            for child in list(sub.children):
+                await self._start_again(child)
+            return
+        spec = self._specs[name]
+        ref = await self._start(node, name, spec)
+        self._refs[name] = ref
+        node.tombstones.pop(name, None)
+        if spec.placement == "process":
+            self._announce(ref)
+
+    def _announce(self, ref: ActorRef) -> None:
+        """A new incarnation listens where the old one did: tell every node that talks to it."""
+        node = self.node
+        node.update_peer(ref.endpoint, ref.pid, ref.incarnation)
+        body = [[ref.endpoint, ref.pid, ref.incarnation], None]
+        for other in list(self._children.values()):
+            if other.ref.endpoint == ref.endpoint or other.exited.done() or other.stopping:
+                continue
+            peer = node.peer(other.ref.endpoint, other.pid, other.ref.host)
+            if peer.dead is None:
+                peer.send(Kind.TELL, next(node.corr), None, "peer.update", None, body)
+
+    async def _escalate(self, sup: SupervisorState, err: RestartIntensityExceeded) -> None:
+        node = self.node
+        sup.failed = err
+        sup.event("escalate", err.actor, error=str(err))
+        node.log.warning("escalate", "%s", err)
+        for child in reversed(list(sup.children)):
+            if self._is_up(child):
+                await self._terminate(child, final=False)
+        for child in sup.children:
+            died = ActorDied(f"actor {child!r} is stopped: {err}", actor=child)
+            node.tombstones[child] = died
+            proc = self._children.get(child)
+            if proc is not None:
+                node.bury(proc.ref.endpoint, died)
+        self._escalations.append(err)
+        if sup.parent is not None:
+            node.tasks.spawn(self._child_failed(sup.name, f"escalated: {err}", True), name=f"supervise {sup.name}")
 
     def lookup(self, name: str) -> ActorRef:
         """The ref of a running actor of this system, by name."""

@@ -32,11 +32,16 @@ from .actors import CudaCrossHost as CudaCrossHost
 from .actors import DeadlineExceeded as DeadlineExceeded
 from .actors import HandleNotPortable as HandleNotPortable
 from .actors import OnExhausted as OnExhausted
+from .actors import Overloaded as Overloaded
 from .actors import Placement as Placement
 from .actors import PoolExhausted as PoolExhausted
 from .actors import ProtocolError as ProtocolError
 from .actors import RemoteError as RemoteError
+from .actors import RestartIntensityExceeded as RestartIntensityExceeded
+from .actors import RestartType as RestartType
 from .actors import SerializationError as SerializationError
+from .actors import Strategy as Strategy
+from .actors import Supervisor as Supervisor
 from .actors import SystemClosed as SystemClosed
 from .actors import TensorLost as TensorLost
 from .actors import TensorPath as TensorPath
@@ -65,11 +70,16 @@ __all__ = [
     "DeadlineExceeded",
     "HandleNotPortable",
     "OnExhausted",
+    "Overloaded",
     "Placement",
     "PoolExhausted",
     "ProtocolError",
     "RemoteError",
+    "RestartIntensityExceeded",
+    "RestartType",
     "SerializationError",
+    "Strategy",
+    "Supervisor",
     "SystemClosed",
     "TensorLost",
     "TensorPath",

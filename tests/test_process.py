@@ -102,7 +102,7 @@ async def test_constructor_failure(placement: cascada.Placement) -> None:
         assert info.value.remote_traceback and "in __init__" in info.value.remote_traceback
         assert info.value.actor == "bad"
         ipc_dir = os.path.dirname(system.node.endpoint[len("ipc://"):])
-        assert sorted(os.listdir(ipc_dir)) == ["system.ipc"]
+        assert sorted(os.listdir(ipc_dir)) == ["hb.sock", "system.ipc"]  # hb.sock: the heartbeat channel
         # The name is free again, and the system still works.
         ref = await system.spawn(Counter, name="bad", placement=placement)
         assert await ref.ask("add", 1) == 1
