@@ -7,6 +7,8 @@
     ├── SerializationError (TypeError)    a value cannot travel; nothing was sent
     ├── ProtocolError                     a frame broke the wire format or a limit
     ├── DeadlineExceeded (TimeoutError)   the deadline passed; the work may have run
+    │   └── Overloaded                    ... while the call waited for room in a full mailbox
+    │                                     or transport: it did not run (safe to retry)
     ├── TransportClosed                   a socket or node was used after close
     ├── SystemClosed                      the ActorSystem is closed or was never entered
     ├── ActorNotFound (LookupError)       no such actor, or no such public method on it
@@ -18,8 +20,6 @@
     ├── PoolExhausted                     no room in the shared-memory pool before the deadline
     ├── HandleNotPortable                 a CUDA tensor addressed to another host, copying off
     ├── RestartIntensityExceeded          a supervisor restarted too often and escalated
-    ├── Overloaded                        the callee's mailbox stayed full until the deadline;
-    │                                     the message was not delivered (safe to retry)
     └── RemoteError                       the handler raised; carries the remote type, message
                                           and traceback text
 
@@ -140,6 +140,7 @@ class RestartIntensityExceeded(CascadaError):
         self.period = period
 
 
-class Overloaded(CascadaError):
+class Overloaded(DeadlineExceeded):
     """The callee's mailbox (or the way to it) stayed full until the call's deadline. The
-    message was not delivered and did not run: it is safe to retry later."""
+    message did not run and will not (a receiver drops expired work unrun): it is safe to
+    retry later. A DeadlineExceeded, so code that handles deadlines handles this too."""

@@ -42,7 +42,7 @@ from ..transport._errors import (
 from ..transport._socket import AsyncSocket, Unroutable, configure
 from ..transport._tensors import Destination, PoolBusy, TensorCodec, TensorOptions
 from ..transport._wire import DEFAULT_MAX_HEADER_BYTES, EXT_REF, Codec, Envelope, Kind, Limits, error_body
-from ._errors import ActorDied, ActorInitFailed, ActorNotFound, RemoteError, SystemClosed
+from ._errors import ActorDied, ActorInitFailed, ActorNotFound, Overloaded, RemoteError, SystemClosed
 from ._messages import Message, RemoteReply, StreamCredit, StreamSink
 from ._ratelimit import RateLimitedLog
 from ._tasks import TaskSet
@@ -153,13 +153,14 @@ LEASE_SWEEP_INTERVAL = 0.25  # seconds between checks for dead consumers while l
 
 
 class NodeStats:
-    __slots__ = ("rejected_frames", "late_replies", "stale_replies", "unroutable_replies", "tell_failures", "received",
-                 "sent")
+    __slots__ = ("rejected_frames", "late_replies", "stale_replies", "dropped_connections", "unroutable_replies",
+                 "tell_failures", "received", "sent")
 
     def __init__(self) -> None:
         self.rejected_frames = 0
         self.late_replies = 0
         self.stale_replies = 0  # replies from an incarnation that was replaced: fenced off
+        self.dropped_connections = 0  # to dead peers, with whatever zmq still queued for them
         self.unroutable_replies = 0
         self.tell_failures = 0
         self.received = 0
@@ -691,6 +692,18 @@ async def wait_reply(fut: asyncio.Future[Any], deadline: float | None, loop: asy
         timer.cancel()
 
 
+async def wait_room(aw: Awaitable[Any], deadline: float | None, label: str) -> Any:
+    """Await room for a message (a full mailbox, a transport at its high-water mark): at the
+    deadline, Overloaded. The message cannot run after that: receivers drop expired work."""
+    if deadline is None:
+        return await aw
+    try:
+        return await asyncio.wait_for(aw, max(0.0, deadline - time.time()))
+    except asyncio.TimeoutError as exc:
+        raise Overloaded(f"{label}: the callee's mailbox stayed full until the deadline; the message "
+                         "was not run (it is safe to retry; see the callee's mailbox stats)") from exc
+
+
 async def with_deadline(aw: Awaitable[Any], deadline: float | None, label: str) -> Any:
     if deadline is None:
         return await aw
@@ -829,8 +842,11 @@ class Peer:
         self.incarnation: str | None = None  # when known: replies from any other are stale
         self.dest = Destination(self.same_host, (host, pid))
         self._queue: _SendQueue | None = None  # sends waiting for room in the shm pool
-        ctx = node.context
-        sock = ctx.socket(zmq.DEALER)
+        self._open()
+
+    def _open(self) -> None:
+        node = self.node
+        sock = node.context.socket(zmq.DEALER)
         configure(sock, hwm=node.config.hwm, max_frame_bytes=node.config.max_frame_bytes)
         # The routing id tells the other side our pid and host, so the tensors in its
         # replies can take the shm path and their leases end if we die.
@@ -839,12 +855,20 @@ class Peer:
         mon.setsockopt(zmq.LINGER, 0)
         self._mon = AsyncSocket(mon, self._on_monitor, node.loop)
         try:
-            sock.connect(check_endpoint(endpoint))
+            sock.connect(check_endpoint(self.endpoint))
         except (zmq.ZMQError, ConfigurationError) as exc:
             self._mon.close()
             sock.close(linger=0)
-            raise ConfigurationError(f"cannot connect to {endpoint!r}: {exc}") from exc
+            raise ConfigurationError(f"cannot connect to {self.endpoint!r}: {exc}") from exc
         self.sock = AsyncSocket(sock, self._on_reply, node.loop)
+
+    def _drop_socket(self) -> None:
+        """The process behind this endpoint is gone: drop the connection and whatever zmq still
+        queued for it, so none of it reaches a later incarnation bound to the same address."""
+        if not self.sock.closed and self.dead is not None:
+            self.node.stats.dropped_connections += 1
+            self.sock.close()
+            self._mon.close()
 
     def close(self, exc: BaseException) -> None:
         self._fail_all(exc)
@@ -852,11 +876,13 @@ class Peer:
         self._mon.close()
 
     def revive(self, pid: int, incarnation: str | None) -> None:
-        """The actor behind this endpoint was restarted as pid: the socket reconnects by itself."""
+        """The actor behind this endpoint was restarted as pid: talk to it on a new connection."""
         self.pid = pid
         self.dest = Destination(self.same_host, (self.host, pid))
         self.incarnation = incarnation
         self.dead = None
+        if self.sock.closed and not self.node.closed:
+            self._open()
 
     # -- replies -------------------------------------------------------------------------
 
@@ -937,16 +963,19 @@ class Peer:
             if gone:
                 self.dead = ActorDied(f"the process behind {self.endpoint} (pid {self.pid}) is gone")
                 self.node.process_died(self.pid)
+                self.node.loop.call_soon(self._drop_socket)
         elif event == _monitor.CONNECT_RETRIED:
             if self.same_host and process_gone(self.pid):
                 self.mark_dead(f"the process behind {self.endpoint} (pid {self.pid}) is gone", None)
 
     def mark_dead(self, message: str, exitcode: int | None) -> None:
-        self.sock.drain_now()
+        if not self.sock.closed:
+            self.sock.drain_now()
         self.dead = ActorDied(message, exitcode=exitcode)
         if self.same_host:
             self.node.process_died(self.pid)
         self._fail_all(ActorDied(message + "; the call may or may not have run", exitcode=exitcode))
+        self.node.loop.call_soon(self._drop_socket)
 
     def _fail_all(self, exc: BaseException) -> None:
         calls, self.calls = self.calls, {}
@@ -985,7 +1014,7 @@ class Peer:
         if self._queue is not None and self._queue.owns(sent):
             await sent
         else:
-            await with_deadline(sent, deadline, label)
+            await wait_room(sent, deadline, label)
 
     def _send_now(self, kind: Kind, corr: int, target: str | None, method: str | None, deadline: float | None,
                   body: Any, opts: int | None = None, ctx: list[Any] | None = None) -> asyncio.Future[None] | None:

@@ -18,7 +18,7 @@ from ..transport._tensors import Via, unwrap_via
 from ..transport._wire import Kind
 from ._context import outgoing
 from ._errors import SystemClosed
-from ._node import wait_reply, with_deadline
+from ._node import wait_reply, wait_room
 from ._messages import END, LocalReply, Message, StreamCredit, StreamSink
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class ActorRef:
                           ctx=ctx, target=self.name)
             try:
                 if not cell.offer(msg):
-                    await with_deadline(cell.put(msg), deadline, f"{self.name}.{method}")
+                    await wait_room(cell.put(msg), deadline, f"{self.name}.{method}")
                 return await wait_reply(fut, deadline, node.loop, f"{self.name}.{method}")
             except (asyncio.CancelledError, DeadlineExceeded):
                 # Nobody waits for the answer any more: stop the work (and what it called).
@@ -114,7 +114,7 @@ class ActorRef:
                 args, kwargs = unwrap_via(args), unwrap_via(kwargs)
             msg = Message(Kind.TELL, method, args, kwargs or None, deadline, None, ctx=ctx, target=self.name)
             if not cell.offer(msg):
-                await with_deadline(cell.put(msg), deadline, f"{self.name}.{method}")
+                await wait_room(cell.put(msg), deadline, f"{self.name}.{method}")
             return
         peer = node.peer(self.endpoint, self.pid, self.host)
         peer.check_alive(self.name)
@@ -146,7 +146,7 @@ class ActorRef:
             msg = Message(Kind.STREAM, method, args, kwargs or None, deadline, sink, credit, ctx=ctx,
                           target=self.name)
             if not cell.offer(msg):
-                await with_deadline(cell.put(msg), deadline, f"{self.name}.{method}")
+                await wait_room(cell.put(msg), deadline, f"{self.name}.{method}")
             grant = credit.grant
 
             def cancel() -> None:

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import cascada  # noqa: E402
 from reliability import scenarios as S  # noqa: E402
+from reliability import scenarios_wire as W  # noqa: E402
 from reliability.harness import jsonable, new_record  # noqa: E402
 
 Run = tuple[str, str, Callable[[], Awaitable[Any]], float]  # scenario, variant, body, watchdog seconds
@@ -60,6 +61,25 @@ def runs(soak: bool) -> list[Run]:
     out.append(("R16", "b: SIGSTOPped peer", S.r16b_shutdown_with_stopped_peer, 60))
     out.append(("R19", "a: start method", S.r19_no_fork_after_zmq, 60))
     out.append(("R23", "pickle canary", S.r23_pickle_canary, 60))
+    # Transport and hostile input (reliability/scenarios_wire.py); the pytest xfails are known gaps.
+    for how, transport in (("kill9", "ipc"), ("sigstop", "ipc"), ("kill9", "tcp")):
+        out.append(("R12", f"{how}, {transport}", partial(W.r12_peer_vanishes, how, transport), 60))
+    out.append(("R12", "no replay to a later listener", W.r12_no_replay_to_a_later_listener, 60))
+    out.append(("R17", "hypothesis schedules", partial(W.r17_property, max_examples=200 if soak else 10), 900 if soak else 90))
+    out.append(("R17", "seeded schedules", partial(W.r17_fifo_under_chaos, seed=17, count=20 if soak else 6), 300))
+    out.append(("R18", "a: takeover detected", W.r18a_takeover_detected, 60))
+    out.append(("R18", "a: fresh client after a takeover", W.r18a_client_never_reaches_the_wrong_actor, 60))
+    out.append(("R18", "b: stale socket", W.r18b_stale_socket, 60))
+    out.append(("R18", "c: long path", W.r18c_long_path, 60))
+    out.append(("R20", "malformed frames", W.r20_malformed_frames, 60))
+    out.append(("R20", "error replies", W.r20_error_replies, 60))
+    out.append(("R20", "batch with a truncated tail", W.r20_batch_with_truncated_tail, 60))
+    out.append(("R21", "size bombs", W.r21_size_bombs, 90))
+    out.append(("R21", "amplification, 128 KiB cap", partial(W.r21_amplification, max_header_bytes=128 << 10), 60))
+    out.append(("R21", "amplification, default cap", W.r21_amplification, 60))
+    out.append(("R21", "unreferenced frames", W.r21_multipart_total_bytes, 60))
+    out.append(("R22", "hostile envelopes", W.r22_hostile_envelopes, 60))
+    out.append(("R22", "descriptor property", partial(W.r22_descriptor_property, max_examples=1000 if soak else 150), 300))
     return out
 
 

@@ -256,3 +256,16 @@ async def test_ref_with_an_unreachable_endpoint_is_a_typed_error(system: cascada
     ghost = cascada.ActorRef("ghost", "bogus://nowhere", 1, "elsewhere", node=system.node)
     with pytest.raises(cascada.ConfigurationError, match="cannot connect"):
         await ghost.ask("x", timeout=1)
+
+
+async def test_a_mailbox_full_until_the_deadline_raises_overloaded() -> None:
+    async with cascada.ActorSystem(mailbox_size=2) as system:
+        ref = await system.spawn(Recorder, placement="local")
+        busy = asyncio.ensure_future(ref.ask("nap", 1.0, "busy"))
+        await asyncio.sleep(0.05)
+        await ref.tell("record", 0, timeout=5)
+        await ref.tell("record", 1, timeout=5)  # the mailbox (2) is full now
+        with pytest.raises(cascada.Overloaded, match="mailbox stayed full"):
+            await ref.tell("record", 2, timeout=0.2)
+        await busy
+        assert await ref.ask("history") == ["busy", 0, 1]  # the refused one never ran

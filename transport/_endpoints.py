@@ -6,10 +6,12 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import stat
+import struct
 import tempfile
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, EndpointConflict
 
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 IPC_PATH_MAX = 107
@@ -128,6 +130,96 @@ def ipc_path(endpoint: str) -> str | None:
     if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
         return endpoint[len("ipc://") :]
     return None
+
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def listener_pid(path: str, timeout: float = 1.0) -> int | None:
+    """The pid of the process listening on the unix socket at ``path``, as the kernel tells it
+    (SO_PEERCRED: the process that called listen, which it cannot forge), or None when
+    nothing listens there: no file, not a socket, or a stale socket file left by a process
+    that died (kill -9 leaves one; libzmq cannot unlink it then).
+
+    Costs one connect and close (tens of microseconds); a libzmq listener drops the
+    connection once it sees it close. Raises EndpointConflict when something listens but
+    does not accept within ``timeout`` (its backlog is full), so its pid cannot be read."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return None
+    except OSError:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        except (TimeoutError, BlockingIOError) as exc:
+            raise EndpointConflict(f"something listens on {path!r} but does not accept connections: {exc}") from exc
+        except OSError:
+            return None
+        pid, _uid, _gid = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+        return pid if pid > 0 else None
+    finally:
+        sock.close()
+
+
+def claim_ipc_path(path: str) -> None:
+    """Make ``path`` free to bind, or raise EndpointConflict.
+
+    libzmq's ipc bind unlinks whatever is at the path and binds anew, so a second process
+    binding a live endpoint silently takes it over: the first keeps the connections it has
+    and never sees a new one. Call this right before binding: a live listener makes it
+    raise; a stale socket file (its process died) is removed, so the bind is a clean one;
+    anything that is not a socket (a file, a directory, a symlink) is left alone and
+    refused. A process that binds between this check and the bind still wins the race;
+    private 0700 directories (IpcDirectory) keep other users out of it altogether."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise EndpointConflict(f"{path!r} exists and is not a socket: refusing to bind over it")
+    pid = listener_pid(path)
+    if pid is not None:
+        raise EndpointConflict(f"process {pid} already listens on {path!r}: binding would silently take it over")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def check_ipc_listener(endpoint: str, pid: int) -> None:
+    """Raise EndpointConflict unless the process listening on ``endpoint`` is ``pid``, for an
+    ipc endpoint on this host (other transports pass unchecked).
+
+    A client should call this before it connects to an actor's ipc endpoint, and again on
+    every reconnect: if another process took the path over, what is meant for the actor
+    must not reach it. When nothing listens (the actor died and its file is stale or gone)
+    this passes; the connection then fails as it does for any dead peer."""
+    path = ipc_path(endpoint)
+    if path is None:
+        return
+    found = listener_pid(path)
+    if found is not None and found != pid:
+        raise EndpointConflict(
+            f"{endpoint} is held by process {found}, not by process {pid} that the ref names: "
+            "another process took the path over"
+        )
+
+
+def socket_identity(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the socket file at ``path``, or None when there is none. Record it
+    right after binding: a different value later means the path was taken over, or removed,
+    behind the binder's back."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
 
 
 def check_endpoint(endpoint: str) -> str:

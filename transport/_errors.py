@@ -22,6 +22,13 @@ class ProtocolError(CascadaError):
     frame, drops it and keeps serving."""
 
 
+class EndpointConflict(CascadaError):
+    """Raised when an ipc endpoint is not, or is no longer, the one a process meant: another
+    process listens on the path it is about to bind (binding would silently take the path
+    over), something that is not a socket sits there, or the listener behind a path is not
+    the process a ref names (the path was taken over). Nothing was bound or sent."""
+
+
 class SerializationError(CascadaError, TypeError):
     """Raised on the sending side when a value cannot travel: only msgpack-native data
     (None, bool, int, float, str, bytes, list, tuple, dict), actor refs and the tensor types
