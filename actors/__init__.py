@@ -1,7 +1,7 @@
 """cascada.actors: actors, refs, mailboxes, the system that spawns them. Knows nothing of
 stages or models: it runs any actor."""
 
-from ._actor import Actor, concurrent
+from ._actor import Actor, concurrent, idempotent
 from ._context import Context, context, current_context
 from ._errors import (
     ActorDied,
@@ -60,6 +60,7 @@ __all__ = [
     "context",
     "current_context",
     "empty",
+    "idempotent",
     "run",
     "via",
 ]

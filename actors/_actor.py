@@ -26,13 +26,26 @@ def concurrent(fn: F) -> F:
     return fn
 
 
-class Handler:
-    __slots__ = ("name", "kind", "concurrent")
+def idempotent(fn: F) -> F:
+    """Mark a handler as safe to call at least once: a call that carries an idempotency key
+    (``ref.ask(..., retries=N)`` sends one, the same for every attempt) runs at most once per
+    key in this incarnation; a repeat of a key already answered gets the recorded answer
+    (value or error) without running again, and a repeat that arrives while the first is
+    running waits for it. The reply cache holds the last ``REPLY_CACHE_SIZE`` keys and lives
+    in memory: an actor that restarts starts with an empty one, so state that must survive a
+    crash exactly once needs the handler's own bookkeeping (dedupe by key in your store)."""
+    fn.__cascada_idempotent__ = True  # type: ignore[attr-defined]
+    return fn
 
-    def __init__(self, name: str, kind: HandlerKind, concurrent: bool) -> None:
+
+class Handler:
+    __slots__ = ("name", "kind", "concurrent", "idempotent")
+
+    def __init__(self, name: str, kind: HandlerKind, concurrent: bool, idempotent: bool = False) -> None:
         self.name = name
         self.kind = kind
         self.concurrent = concurrent
+        self.idempotent = idempotent
 
 
 class Actor:
@@ -79,6 +92,7 @@ def handlers_of(cls: type) -> dict[str, Handler]:
             kind = "async"
         else:
             kind = "sync"
-        table[name] = Handler(name, kind, bool(getattr(attr, "__cascada_concurrent__", False)))
+        table[name] = Handler(name, kind, bool(getattr(attr, "__cascada_concurrent__", False)),
+                              bool(getattr(attr, "__cascada_idempotent__", False)))
     _HANDLER_CACHE[cls] = table
     return table

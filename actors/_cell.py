@@ -6,7 +6,7 @@ import asyncio
 import contextvars
 import sys
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any
 
 from ..transport._endpoints import process_gone
@@ -15,16 +15,20 @@ from ..transport._wire import Kind
 from ._actor import Actor, Handler, handlers_of
 from ._context import handling
 from ._errors import ActorDied, ActorNotFound
-from ._messages import Message
+from ._messages import Message, Reply
+
+REPLY_CACHE_SIZE = 10_000
+"""Idempotency keys an actor remembers answers for (see cascada.idempotent)."""
 
 if TYPE_CHECKING:
     from ._node import Node
 
 
 class CellStats:
-    __slots__ = ("handled", "failed", "expired", "cancelled", "max_depth", "put_waits")
+    __slots__ = ("handled", "failed", "expired", "cancelled", "deduped", "max_depth", "put_waits")
 
     def __init__(self) -> None:
+        self.deduped = 0
         self.handled = 0
         self.failed = 0
         self.expired = 0
@@ -58,6 +62,7 @@ class ActorCell:
         # Handlers share one context, eager or not, as they would in the cell's one task.
         self._ctx = contextvars.copy_context()
         self.crashed: ActorDied | None = None
+        self.replies: OrderedDict[str, _Answer] = OrderedDict()  # idempotency key -> answer
         self._side_tasks: set[asyncio.Task[None]] = set()  # concurrent handlers running now
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -238,6 +243,8 @@ class ActorCell:
             self._fail(msg, ActorNotFound(f"{self.name}.{msg.method} is a stream (an async generator): "
                                           "call it with ref.stream"), "not_found")
             return
+        if msg.key is not None and handler.idempotent and self._answered(msg):
+            return
         if handler.concurrent:
             self._side(self.node.tasks.spawn(self._call(msg, handler), name=f"{self.name}.{msg.method}"))
         else:
@@ -246,6 +253,25 @@ class ActorCell:
     def _side(self, task: asyncio.Task[None]) -> None:
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
+
+    def _answered(self, msg: Message) -> bool:
+        """An at-least-once call: True when its key was seen (answered from the cache, or
+        made to wait for the attempt that is running); else record it and let it run."""
+        key = msg.key
+        assert key is not None
+        answer = self.replies.get(key)
+        if answer is None:
+            answer = self.replies[key] = _Answer()
+            if len(self.replies) > REPLY_CACHE_SIZE:
+                self.replies.popitem(last=False)
+            msg.reply = _RecordingReply(self, key, answer, msg.reply)
+            return False
+        self.stats.deduped += 1
+        if answer.done:
+            answer.give(msg.reply)
+        elif msg.reply is not None:
+            answer.waiting.append(msg.reply)
+        return True
 
     def _crashed_under(self, msg: Message) -> None:
         if self.crashed is not None and msg.reply is not None:
@@ -261,7 +287,7 @@ class ActorCell:
 
     def _try_eager(self, msg: Message) -> bool:
         """Handle msg now if it is a plain ask or tell; False leaves it to the loop."""
-        if msg.kind is Kind.STREAM or not _EAGER_CONTEXT:
+        if msg.kind is Kind.STREAM or not _EAGER_CONTEXT or msg.key is not None:
             return False
         handler = self.handlers.get(msg.method)
         if handler is None or handler.kind == "stream" or handler.concurrent:
@@ -415,11 +441,80 @@ class ActorCell:
             "failed": s.failed,
             "expired": s.expired,
             "cancelled": s.cancelled,
+            "deduped": s.deduped,
             "put_waits": s.put_waits,
         }
 
 
 _EAGER_CONTEXT = sys.version_info >= (3, 11)  # create_task(context=) arrived in 3.11
+
+
+class _Answer:
+    __slots__ = ("done", "ok", "value", "code", "waiting")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.ok = True
+        self.value: Any = None
+        self.code = ""
+        self.waiting: list[Reply] = []
+
+    def give(self, reply: Reply | None) -> None:
+        if reply is None:
+            return
+        if self.ok:
+            reply.ok(self.value)
+        else:
+            reply.fail(self.value, self.code)
+
+
+class _RecordingReply(Reply):
+    """Answers the first attempt of a keyed call and records the answer for its repeats."""
+
+    __slots__ = ("cell", "key", "answer", "inner")
+
+    def __init__(self, cell: ActorCell, key: str, answer: _Answer, inner: Reply | None) -> None:
+        self.cell = cell
+        self.key = key
+        self.answer = answer
+        self.inner = inner
+
+    def ok(self, value: Any) -> asyncio.Future[None] | None:
+        a = self.answer
+        a.done, a.ok, a.value = True, True, value
+        for waiting in a.waiting:
+            waiting.ok(value)
+        a.waiting.clear()
+        return None if self.inner is None else self.inner.ok(value)
+
+    def fail(self, exc: BaseException, code: str) -> None:
+        a = self.answer
+        if code in ("died", "tensor_lost"):
+            # Not an answer: the attempt did not complete. Forget the key so a retry runs.
+            self.abandon(exc, code)
+        else:
+            a.done, a.ok, a.value, a.code = True, False, exc, code
+            for waiting in a.waiting:
+                waiting.fail(exc, code)
+            a.waiting.clear()
+        if self.inner is not None:
+            self.inner.fail(exc, code)
+
+    def abandon(self, exc: BaseException, code: str) -> None:
+        if self.answer.done:
+            return
+        if self.cell.replies.get(self.key) is self.answer:
+            del self.cell.replies[self.key]
+        for waiting in self.answer.waiting:
+            waiting.fail(exc, code)
+        self.answer.waiting.clear()
+
+    def item(self, value: Any) -> asyncio.Future[None] | None:
+        return None if self.inner is None else self.inner.item(value)
+
+    def end(self) -> None:
+        if self.inner is not None:
+            self.inner.end()
 
 
 def _ended(msg: Message) -> bool:
@@ -435,6 +530,9 @@ def _ended(msg: Message) -> bool:
         handling.set(None)
     if not msg.cancelled:
         return False
+    if isinstance(msg.reply, _RecordingReply):
+        msg.reply.abandon(ActorDied("the first attempt with this idempotency key was cancelled before it "
+                                    "answered; the call may or may not have run"), "died")
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         task.uncancel()

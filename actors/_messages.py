@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 class Message:
     __slots__ = ("kind", "method", "args", "kwargs", "deadline", "reply", "credit", "owners", "ctx", "target",
-                 "done", "cancelled", "task")
+                 "done", "cancelled", "task", "key")
 
     def __init__(
         self,
@@ -36,6 +36,7 @@ class Message:
         owners: list[int] | None = None,
         ctx: list[Any] | None = None,
         target: str = "",
+        key: str | None = None,
     ) -> None:
         self.kind = kind
         self.method = method
@@ -50,6 +51,7 @@ class Message:
         self.done = False  # the handler returned: calls it left running no longer inherit its deadline
         self.cancelled = False  # the caller cancelled: skip it if queued, cancel its handler if running
         self.task: asyncio.Task[Any] | None = None  # the task its handler runs in, while it runs
+        self.key = key  # idempotency key of an at-least-once call (see cascada.idempotent)
 
 
 class Reply:

@@ -153,7 +153,7 @@ LEASE_SWEEP_INTERVAL = 0.25  # seconds between checks for dead consumers while l
 
 
 class NodeStats:
-    __slots__ = ("rejected_frames", "late_replies", "stale_replies", "dropped_connections", "unroutable_replies",
+    __slots__ = ("rejected_frames", "late_replies", "stale_replies", "dropped_connections", "retries", "unroutable_replies",
                  "tell_failures", "received", "sent")
 
     def __init__(self) -> None:
@@ -161,6 +161,7 @@ class NodeStats:
         self.late_replies = 0
         self.stale_replies = 0  # replies from an incarnation that was replaced: fenced off
         self.dropped_connections = 0  # to dead peers, with whatever zmq still queued for them
+        self.retries = 0  # at-least-once calls sent again
         self.unroutable_replies = 0
         self.tell_failures = 0
         self.received = 0
@@ -360,7 +361,8 @@ class Node:
                 self.streams[(identity, env.corr)] = credit
             reply = None if kind is Kind.TELL else RemoteReply(self, identity, env.corr)
             method = cast(str, env.method)  # the codec refuses requests without one
-            msg = Message(kind, method, args, kwargs, env.deadline, reply, credit, env.owners, env.ctx, env.target)
+            msg = Message(kind, method, args, kwargs, env.deadline, reply, credit, env.owners, env.ctx, env.target,
+                          env.key)
             if reply is not None:
                 self.running[(identity, env.corr)] = msg
             if cell.deliver(msg):
@@ -547,7 +549,8 @@ class Node:
 
     async def call(self, peer: Peer, target: str | None, method: str, args: Any,
                    kwargs: dict[str, Any] | None = None, *, timeout: float | None = None,
-                   deadline: float | None | _Unset = UNSET, ctx: list[Any] | None = None) -> Any:
+                   deadline: float | None | _Unset = UNSET, ctx: list[Any] | None = None,
+                   key: str | None = None) -> Any:
         """Ask ``target`` (None: the peer node itself) over ``peer`` and await the reply."""
         if isinstance(deadline, _Unset):
             deadline = self.deadline(timeout)
@@ -557,7 +560,7 @@ class Node:
         fut: asyncio.Future[Any] = self.loop.create_future()
         peer.calls[corr] = (fut, target, method)
         try:
-            sent = peer.send(Kind.ASK, corr, target, method, deadline, [list(args), kwargs], ctx=ctx)
+            sent = peer.send(Kind.ASK, corr, target, method, deadline, [list(args), kwargs], ctx=ctx, key=key)
             if sent is not None:
                 await peer.wait_sent(sent, deadline, label)
             return await wait_reply(fut, deadline, self.loop, label)
@@ -993,10 +996,11 @@ class Peer:
             raise ActorDied(f"actor {actor!r}: {self.dead}", actor=actor, exitcode=self.dead.exitcode)
 
     def send(self, kind: Kind, corr: int, target: str | None, method: str | None, deadline: float | None,
-             body: Any, opts: int | None = None, ctx: list[Any] | None = None) -> asyncio.Future[None] | None:
+             body: Any, opts: int | None = None, ctx: list[Any] | None = None,
+             key: str | None = None) -> asyncio.Future[None] | None:
         """Send one message. Returns None when it went, or a future to await: zmq is at its
         high-water mark, or holds a zero-copy frame, or the message waits for pool room."""
-        args = (kind, corr, target, method, deadline, body, opts, ctx)
+        args = (kind, corr, target, method, deadline, body, opts, ctx, key)
         if self._queue is not None:
             return self._queue.push(args, deadline)
         try:
@@ -1017,9 +1021,10 @@ class Peer:
             await wait_room(sent, deadline, label)
 
     def _send_now(self, kind: Kind, corr: int, target: str | None, method: str | None, deadline: float | None,
-                  body: Any, opts: int | None = None, ctx: list[Any] | None = None) -> asyncio.Future[None] | None:
+                  body: Any, opts: int | None = None, ctx: list[Any] | None = None,
+                  key: str | None = None) -> asyncio.Future[None] | None:
         node = self.node
         node.tensors.dest = self.dest
-        frames = node.codec.encode(kind, corr, node.id, target, method, deadline, body, opts, None, ctx)
+        frames = node.codec.encode(kind, corr, node.id, target, method, deadline, body, opts, None, ctx, key)
         node.stats.sent += 1
         return self.sock.send(frames)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from ..transport._errors import DeadlineExceeded
 from ..transport._tensors import Via, unwrap_via
 from ..transport._wire import Kind
 from ._context import outgoing
-from ._errors import SystemClosed
+from ._errors import ActorDied, ConfigurationError, Overloaded, SystemClosed
 from ._node import wait_reply, wait_room
 from ._messages import END, LocalReply, Message, StreamCredit, StreamSink
 
@@ -25,6 +26,10 @@ if TYPE_CHECKING:
     from ._node import Node
 
 current_node: contextvars.ContextVar[Node] = contextvars.ContextVar("cascada_node")
+
+
+_RETRY_BACKOFF = 0.02  # seconds before the first retry; doubles up to the max
+_RETRY_BACKOFF_MAX = 1.0
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -68,16 +73,29 @@ class ActorRef:
             self._node = node
         return node
 
-    async def ask(self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> Any:
+    async def ask(self, method: str, /, *args: Any, timeout: float | None = None, retries: int = 0,
+                  idempotency_key: str | None = None, **kwargs: Any) -> Any:
         """Call ``method`` and return its result.
 
         ``timeout`` is in seconds (None: the system's default_timeout; ``math.inf``: none).
         Raises RemoteError if the handler raised, DeadlineExceeded when late, ActorDied if
-        the actor's process died first, ActorNotFound for an unknown actor or method."""
+        the actor's process died first, ActorNotFound for an unknown actor or method.
+
+        Delivery is at-most-once unless ``retries`` is given: then a call that failed with
+        ActorDied or Overloaded is sent again (``-1``: as often as the deadline allows), with
+        backoff, every attempt carrying the same idempotency key (``idempotency_key``, or a
+        fresh one). A handler marked ``@cascada.idempotent`` runs once per key and answers
+        repeats from its reply cache; any other handler may run more than once."""
         node = self._node
         if node is None or node.closed:
             node = self._bind()
         deadline, ctx = outgoing(self.name, node.deadline(timeout))
+        if retries or idempotency_key is not None:
+            return await self._ask_retrying(node, method, args, kwargs, deadline, ctx, retries, idempotency_key)
+        return await self._ask_once(node, method, args, kwargs, deadline, ctx, None)
+
+    async def _ask_once(self, node: Node, method: str, args: Any, kwargs: dict[str, Any], deadline: float | None,
+                        ctx: list[Any] | None, key: str | None) -> Any:
         if self.endpoint == node.endpoint:
             cell = node.cells.get(self.name)
             if cell is None:
@@ -86,7 +104,7 @@ class ActorRef:
                 args, kwargs = unwrap_via(args), unwrap_via(kwargs)
             fut: asyncio.Future[Any] = node.loop.create_future()
             msg = Message(Kind.ASK, method, args, kwargs or None, deadline, LocalReply(fut, self.name, method),
-                          ctx=ctx, target=self.name)
+                          ctx=ctx, target=self.name, key=key)
             try:
                 if not cell.offer(msg):
                     await wait_room(cell.put(msg), deadline, f"{self.name}.{method}")
@@ -96,7 +114,29 @@ class ActorRef:
                 cell.cancel(msg)
                 raise
         return await node.call(node.peer(self.endpoint, self.pid, self.host), self.name, method, args,
-                               kwargs or None, deadline=deadline, ctx=ctx)
+                               kwargs or None, deadline=deadline, ctx=ctx, key=key)
+
+    async def _ask_retrying(self, node: Node, method: str, args: Any, kwargs: dict[str, Any],
+                            deadline: float | None, ctx: list[Any] | None, retries: int, key: str | None) -> Any:
+        if not (isinstance(retries, int) and not isinstance(retries, bool) and retries >= -1):
+            raise ConfigurationError(f"retries must be an int >= -1 (-1: until the deadline), got {retries!r}")
+        if key is None:
+            key = secrets.token_hex(12)
+        elif not (isinstance(key, str) and 0 < len(key) <= 128):
+            raise ConfigurationError(f"idempotency_key must be a string of 1-128 characters, got {key!r}")
+        attempt = 0
+        backoff = _RETRY_BACKOFF
+        while True:
+            try:
+                return await self._ask_once(node, method, args, kwargs, deadline, ctx, key)
+            except (ActorDied, Overloaded):
+                left = _remaining(deadline)
+                if (retries != -1 and attempt >= retries) or (left is not None and left <= backoff):
+                    raise
+                attempt += 1
+                node.stats.retries += 1
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _RETRY_BACKOFF_MAX)
 
     async def tell(self, method: str, /, *args: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Send ``method`` one way. Returns once the message is accepted for delivery; a full

@@ -51,6 +51,7 @@ from .actors import concurrent as concurrent
 from .actors import context as context
 from .actors import current_context as current_context
 from .actors import empty as empty
+from .actors import idempotent as idempotent
 from .actors import run as run
 from .actors import via as via
 
@@ -89,6 +90,7 @@ __all__ = [
     "context",
     "current_context",
     "empty",
+    "idempotent",
     "run",
     "via",
 ]

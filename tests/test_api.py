@@ -19,7 +19,7 @@ EXPECTED = {
     "ConfigurationError", "CudaCrossHost", "DeadlineExceeded", "HandleNotPortable", "OnExhausted", "Placement",
     "PoolExhausted", "ProtocolError", "RemoteError", "SerializationError", "SystemClosed", "TensorLost",
     "TensorPath", "Transport", "TransportClosed", "concurrent", "empty", "run", "via", "Context", "context",
-    "current_context", "Overloaded", "RestartIntensityExceeded", "RestartType", "Strategy", "Supervisor",
+    "current_context", "Overloaded", "RestartIntensityExceeded", "RestartType", "Strategy", "Supervisor", "idempotent",
 }
 
 

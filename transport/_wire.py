@@ -2,7 +2,7 @@
 
 Frame 0 is a msgpack array, positional for speed::
 
-    [version, kind, corr, sender, target, method, deadline, body, opts, incarnation(, ctx)]
+    [version, kind, corr, sender, target, method, deadline, body, opts, incarnation(, ctx(, key))]
 
 - ``version`` is the format version (1). A receiver rejects versions it does not know.
 - ``kind`` is a :class:`Kind`. ``corr`` is the correlation id, unique per sending connection.
@@ -16,6 +16,9 @@ Frame 0 is a msgpack array, positional for speed::
 - ``ctx``, present only on requests that carry one, is the request context
   ``[trace_id, budget, depth, path]`` (see cascada's ``Context``): trace_id a string, budget
   a number or nil, depth an int, path an array of at most ``MAX_CTX_PATH`` actor names.
+- ``key``, present only on requests that carry one, is an idempotency key (a string of at
+  most 128 characters): a retried call carries the key of its first attempt, and a handler
+  marked ``@cascada.idempotent`` answers a key it has seen from its reply cache.
 
 A frame may also be a **batch**: the byte 0xC1 (which msgpack never uses, so a decoder that
 predates batches rejects it loudly) followed by several headers back to back. Senders batch
@@ -104,6 +107,7 @@ class Envelope:
         "incarnation",
         "owners",
         "ctx",
+        "key",
     )
 
     def __init__(
@@ -118,6 +122,7 @@ class Envelope:
         opts: int | None = None,
         incarnation: str | None = None,
         ctx: list[Any] | None = None,
+        key: str | None = None,
     ) -> None:
         self.kind = kind
         self.corr = corr
@@ -129,6 +134,7 @@ class Envelope:
         self.opts = opts
         self.incarnation = incarnation
         self.ctx = ctx
+        self.key = key
         # pids of the processes that own leased tensors in this message (shm, CUDA IPC):
         # if one has died by the time the message is handled, it fails with TensorLost.
         self.owners: list[int] | None = None
@@ -256,18 +262,23 @@ class Codec:
         opts: int | None = None,
         incarnation: str | None = None,
         ctx: list[Any] | None = None,
+        key: str | None = None,
     ) -> list[Any]:
         """The frames of one message: the header, then any out-of-band buffers."""
         oob: list[Any] = []
         self._oob = oob
         try:
-            if ctx is None:
+            if ctx is None and key is None:
                 head = self._packer.pack(
                     [VERSION, int(kind), corr, sender, target, method, deadline, body, opts, incarnation]
                 )
-            else:
+            elif key is None:
                 head = self._packer.pack(
                     [VERSION, int(kind), corr, sender, target, method, deadline, body, opts, incarnation, ctx]
+                )
+            else:
+                head = self._packer.pack(
+                    [VERSION, int(kind), corr, sender, target, method, deadline, body, opts, incarnation, ctx, key]
                 )
         except BaseException as exc:
             self._packer.reset()
@@ -460,6 +471,7 @@ def _validate(h: Any) -> Envelope:
     version, kind, corr, sender, target, method, deadline, body, opts = h[:9]
     incarnation = h[9] if len(h) > 9 else None
     ctx = h[10] if len(h) > 10 else None
+    key = h[11] if len(h) > 11 else None
     if type(version) is not int or version != VERSION:
         raise ProtocolError(f"wire version {show(version)} is not supported (this side speaks {VERSION})")
     k = _KIND_BY_VALUE.get(kind) if type(kind) is int else None
@@ -476,6 +488,8 @@ def _validate(h: Any) -> Envelope:
         raise ProtocolError("opts must be an int or nil")
     if ctx is not None:
         _check_ctx(ctx)
+    if key is not None and not (type(key) is str and 0 < len(key) <= 128):
+        raise ProtocolError("idempotency key must be a string of 1-128 characters or nil")
     if k in REQUEST_KINDS:
         if method is None:
             raise ProtocolError(f"{k.name} without a method")
@@ -500,7 +514,7 @@ def _validate(h: Any) -> Envelope:
     elif k is Kind.CREDIT:
         if opts is None or opts <= 0:
             raise ProtocolError("credit without a positive amount")
-    return Envelope(k, corr, sender, target, method, deadline, body, opts, incarnation, ctx)
+    return Envelope(k, corr, sender, target, method, deadline, body, opts, incarnation, ctx, key)
 
 
 def _check_ctx(ctx: Any) -> None:
