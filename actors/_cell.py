@@ -174,7 +174,13 @@ class ActorCell:
             while True:
                 current = self._current
                 if current is not None:
-                    await current  # it reports its own errors; this only keeps the order
+                    try:
+                        await current  # it reports its own errors; this only keeps the order
+                    except asyncio.CancelledError:
+                        me = asyncio.current_task()
+                        if me is not None and me.cancelling():
+                            raise  # this loop itself is being cancelled
+                        # only the handler's task was: the actor serves on
                     self._current = None
                     continue
                 if not mailbox:
@@ -308,8 +314,8 @@ class ActorCell:
                 self._parked = True
         if type(result) is _Suspended:
             self._parked = False
-            self._current = msg.task = self.node.tasks.spawn(self._finish(msg, result),
-                                                             name=f"{self.name}.{msg.method}", context=self._ctx)
+            self._current = self.node.tasks.spawn(self._finish(msg, result), name=f"{self.name}.{msg.method}",
+                                                  context=self._ctx)
             return True
         self.stats.handled += 1
         if msg.reply is not None:
@@ -338,7 +344,12 @@ class ActorCell:
         return _Suspended(result, yielded)
 
     async def _finish(self, msg: Message, suspended: _Suspended) -> None:
+        # msg.task is set here, not when the task is made: a task cancelled before its first
+        # step never enters this try, and the handler would never hear of it.
+        msg.task = task = asyncio.current_task()
         try:
+            if msg.cancelled and task is not None:
+                task.cancel()  # cancelled before this task ran: deliver it at the handler's await
             result = await suspended
         except asyncio.CancelledError:
             if not _ended(msg):
@@ -362,6 +373,9 @@ class ActorCell:
                     self._parked = True
 
     async def _call(self, msg: Message, handler: Handler) -> None:
+        if msg.cancelled:  # a concurrent handler's task, cancelled before it started
+            _ended(msg)
+            return
         fn = self._bound[handler.name]
         handling.set(msg)
         msg.task = asyncio.current_task()
@@ -389,6 +403,10 @@ class ActorCell:
         reply = msg.reply
         credit = msg.credit
         assert reply is not None and credit is not None
+        if msg.cancelled:  # a concurrent stream's task, cancelled before it started
+            _ended(msg)
+            self.node.stream_done(reply)
+            return
         handling.set(msg)
         msg.task = asyncio.current_task()
         agen = getattr(self.instance, handler.name)(*msg.args, **(msg.kwargs or {}))

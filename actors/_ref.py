@@ -168,7 +168,10 @@ class ActorRef:
         """Iterate over the items an async-generator handler yields.
 
         At most ``window`` items are in flight (the producer waits for the consumer), and
-        leaving the loop early cancels the producer. ``timeout`` bounds the whole stream."""
+        closing the stream early cancels the producer (and the calls it waits on). Close it
+        explicitly when you leave the loop early, ``async with contextlib.aclosing(ref.stream(...))``:
+        an abandoned async generator is only closed when the garbage collector finalizes it.
+        ``timeout`` bounds the whole stream."""
         node = self._node
         if node is None or node.closed:
             node = self._bind()

@@ -4,6 +4,7 @@ inside a handler, through every level; cancelling a call at the top reaches ever
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from typing import Any
@@ -203,11 +204,14 @@ async def test_leaving_a_live_stream_cancels_the_calls_it_waits_on(placement: ca
     async with cascada.ActorSystem() as system:
         refs = await _chain(system, placement, 2)
         got = []
-        async for item in refs[0].stream("ticks", timeout=30):
-            got.append(item)
-            if item == 1:
-                # The producer is now blocked in a nested ask; leaving must reach it.
-                break
+        # aclosing: leaving the loop closes the stream now, not whenever the garbage collector
+        # finalizes the generator (PEP 525).
+        async with contextlib.aclosing(refs[0].stream("ticks", timeout=30)) as items:
+            async for item in items:
+                got.append(item)
+                if item == 1:
+                    # The producer is now blocked in a nested ask; leaving must reach it.
+                    break
         assert got == [0, 1]
 
         async def cancelled() -> bool:
