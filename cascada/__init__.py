@@ -53,6 +53,26 @@ from .actors import current_context as current_context
 from .actors import empty as empty
 from .actors import idempotent as idempotent
 from .actors import run as run
+from .actors import BudgetExhausted as BudgetExhausted
+from .actors import Cascade as Cascade
+from .actors import FanOut as FanOut
+from .actors import Flow as Flow
+from .actors import FlowDepthExceeded as FlowDepthExceeded
+from .actors import FlowError as FlowError
+from .actors import InvalidDecision as InvalidDecision
+from .actors import LoopUntil as LoopUntil
+from .actors import Route as Route
+from .actors import RoundLimitExceeded as RoundLimitExceeded
+from .actors import SELF as SELF
+from .actors import Sequential as Sequential
+from .actors import StageFailed as StageFailed
+from .actors import Step as Step
+from .actors import ask_flow as ask_flow
+from .actors import flow_error as flow_error
+from .actors import stream_flow as stream_flow
+from ._topology import Topology as Topology
+from ._topology import build_topology as build_topology
+from ._topology import load_topology as load_topology
 from .actors import via as via
 
 __version__ = "0.1.0"
@@ -64,12 +84,20 @@ __all__ = [
     "ActorNotFound",
     "ActorRef",
     "ActorSystem",
+    "BudgetExhausted",
     "CascadaError",
+    "Cascade",
     "ConfigurationError",
     "Context",
     "CudaCrossHost",
     "DeadlineExceeded",
+    "FanOut",
+    "Flow",
+    "FlowDepthExceeded",
+    "FlowError",
     "HandleNotPortable",
+    "InvalidDecision",
+    "LoopUntil",
     "OnExhausted",
     "Overloaded",
     "Placement",
@@ -78,19 +106,31 @@ __all__ = [
     "RemoteError",
     "RestartIntensityExceeded",
     "RestartType",
+    "RoundLimitExceeded",
+    "Route",
+    "SELF",
+    "Sequential",
     "SerializationError",
+    "StageFailed",
+    "Step",
     "Strategy",
     "Supervisor",
     "SystemClosed",
     "TensorLost",
     "TensorPath",
+    "Topology",
     "Transport",
     "TransportClosed",
+    "ask_flow",
+    "build_topology",
     "concurrent",
     "context",
     "current_context",
     "empty",
+    "flow_error",
     "idempotent",
+    "load_topology",
     "run",
+    "stream_flow",
     "via",
 ]

@@ -1,0 +1,205 @@
+"""Flow benchmark of cascada (issue #5): what a level of flow nesting adds to a call, against
+one hop (the core ask round trip) measured in the same run.
+
+Run it from the repository root:
+
+    .venv/bin/python scripts/bench_flows.py            # full run, about a minute
+    .venv/bin/python scripts/bench_flows.py --quick    # smoke check, ~15 s
+    .venv/bin/python scripts/bench_flows.py --json out.json   # also write every record
+
+The figures:
+
+``nested`` (flows in their own processes)
+    An ``Echo`` stage in its own process answers ``echo(x) -> x``. The floor is one hop:
+    ``await echo.ask("echo", 1)`` from the driver. Flow ``f1`` is ``Sequential(Step(echo,
+    "echo"))``, ``f2`` is ``Sequential(f1)``, ``f3`` is ``Sequential(f2)``, each in its own
+    process, so ``f3.ask("run", 1)`` crosses four process boundaries and back. For each depth
+    k the table shows the round trip, what the k levels add over the hop, that divided by k
+    (added per level), and its ratio to the hop. Target: each level adds at most one hop
+    (ratio <= 1.0x): a level *is* one more hop, so this says the flow machinery itself (the
+    depth guard, timing, error translation, a concurrent handler's task) costs little
+    beside the transport.
+
+``relay`` (hand-written relays in their own processes)
+    The floor for a level done by hand: a plain actor whose ``@concurrent run(x)`` is
+    ``return await next.ask(...)``, nested the same way (relay1 -> echo, relay2 -> relay1
+    -> echo, ...). The ``nested`` rows also give their ratio to the relay at the same depth:
+    what the flow costs beyond making the nested call at all.
+
+``inline`` (flows in the driver's process, placement="local")
+    The same three nested flows, but placed in the driver's process: a level adds no hop,
+    only the flow machinery and a local hand-off. Information only.
+
+Method: every target is measured in every round, in an order that rotates each round (so a
+noisy machine moves all of them together); each round makes ``n`` sequential calls per
+target after a warm-up; the figure is the median over all calls of all rounds. Output: a
+table and one line per record prefixed with ``JSON `` (``grep '^JSON '``): figure, depth,
+value (µs), unit, floor_name, floor_value (the hop), ratio, target, pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+import _report  # noqa: E402
+
+import cascada  # noqa: E402
+from cascada.actors._flow import Sequential, Step  # noqa: E402
+
+FIGURES = ("nested", "relay", "inline")
+RECORDS: list[dict[str, Any]] = []
+ROWS: list[list[str]] = []
+
+
+class Echo(cascada.Actor):
+    """The trivial stage every flow wraps."""
+
+    async def echo(self, x: Any) -> Any:
+        return x
+
+
+class Relay(cascada.Actor):
+    """A level of nesting done by hand: pass the call on, answer what comes back."""
+
+    def __init__(self, nxt: cascada.ActorRef, method: str) -> None:
+        self.nxt = nxt
+        self.method = method
+
+    @cascada.concurrent
+    async def run(self, x: Any) -> Any:
+        return await self.nxt.ask(self.method, x)
+
+
+class Sizes:
+    def __init__(self, quick: bool) -> None:
+        self.rounds = 3 if quick else 7
+        self.n = 300 if quick else 1500
+        self.warmup = 50 if quick else 200
+
+
+def log(msg: str) -> None:
+    print(f"# {msg}", flush=True)
+
+
+async def rtt_samples(ref: cascada.ActorRef, method: str, n: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        await ref.ask(method, 1)
+    out = []
+    clock = time.perf_counter_ns
+    for _ in range(n):
+        t0 = clock()
+        await ref.ask(method, 1)
+        out.append((clock() - t0) / 1e3)
+    return out
+
+
+async def measure(targets: dict[str, tuple[cascada.ActorRef, str]], sz: Sizes) -> dict[str, list[float]]:
+    names = list(targets)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(sz.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            ref, method = targets[name]
+            samples[name].extend(await rtt_samples(ref, method, sz.n, sz.warmup))
+        log(f"round {r + 1}/{sz.rounds}: " + "  ".join(
+            f"{n} {statistics.median(samples[n][-sz.n:]):.0f}us" for n in names))
+    return samples
+
+
+def record(figure: str, depth: int, rtt: float, hop: float, *, placement: str, relay: float | None) -> None:
+    added = rtt - hop
+    per_level = added / depth
+    ratio = per_level / hop
+    passed = ratio <= 1.0 if figure == "nested" else None
+    vs_relay = None if relay is None else rtt / relay
+    RECORDS.append({"figure": figure, "depth": depth, "value": per_level, "unit": "us", "rtt_us": rtt,
+                    "added_us": added, "floor_name": "one hop (ask round trip to the stage)", "floor_value": hop,
+                    "ratio": ratio, "target": "<= 1.0x" if figure == "nested" else "info", "placement": placement,
+                    "pass": passed, "relay_rtt_us": relay, "ratio_to_relay": vs_relay})
+    ROWS.append([figure, str(depth), f"{rtt:.0f} us", f"{added:.0f} us", f"{per_level:.0f} us", f"{hop:.0f} us",
+                 f"{ratio:.2f}x", "-" if vs_relay is None else f"{vs_relay:.2f}x",
+                 "<= 1.0x" if passed is not None else "info",
+                 "info" if passed is None else ("PASS" if passed else "FAIL")])
+
+
+async def run_all(sz: Sizes, only: frozenset[str]) -> None:
+    async with cascada.ActorSystem() as system:
+        echo = await system.spawn(Echo, name="echo", placement="process")
+        targets: dict[str, tuple[cascada.ActorRef, str]] = {"hop": (echo, "echo")}
+        for figure in FIGURES:
+            if figure not in only:
+                continue
+            placement: cascada.Placement = "local" if figure == "inline" else "process"
+            inner: Any = Step(echo, "echo")
+            below, method = echo, "echo"
+            for depth in (1, 2, 3):
+                if figure == "relay":
+                    below = await system.spawn(Relay, below, method, name=f"relay{depth}", placement=placement)
+                    method = "run"
+                    targets[f"relay{depth}"] = (below, "run")
+                    continue
+                flow = await system.spawn(Sequential, inner, name=f"{figure}{depth}", placement=placement)
+                targets[f"{figure}{depth}"] = (flow, "run")
+                inner = flow
+        samples = await measure(targets, sz)
+        hop = statistics.median(samples["hop"])
+        for figure in FIGURES:
+            if figure in only:
+                for depth in (1, 2, 3):
+                    relay = samples.get(f"relay{depth}") if figure == "nested" else None
+                    record(figure, depth, statistics.median(samples[f"{figure}{depth}"]), hop,
+                           placement="local" if figure == "inline" else "process",
+                           relay=statistics.median(relay) if relay else None)
+        for name, (ref, _) in targets.items():
+            if name != "hop" and not name.startswith("relay"):
+                m = await ref.ask("metrics")
+                assert m["errors"] == 0 and m["ok"] == m["requests"], m
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check of ~15 s")
+    _report.add_common_args(parser, FIGURES)
+    args = parser.parse_args()
+    only = _report.selected(parser, args.only, FIGURES)
+    sz = Sizes(args.quick)
+    print(f"cascada {cascada.__version__}  python {sys.version.split()[0]}  cpus {sorted(os.sched_getaffinity(0))}  "
+          f"loadavg {open('/proc/loadavg').read().split()[:3]}  mode {'quick' if args.quick else 'full'}", flush=True)
+    base = tempfile.mkdtemp(prefix="bench-flows-")
+    previous_tempdir = tempfile.tempdir
+    tempfile.tempdir = base
+    t0 = time.perf_counter()
+    try:
+        cascada.run(run_all(sz, only))
+    finally:
+        tempfile.tempdir = previous_tempdir
+        leftovers = os.listdir(base)
+        shutil.rmtree(base, ignore_errors=True)
+    _report.print_table(["figure", "depth", "round trip", "added", "added/level", "one hop", "ratio",
+                         "vs relay", "target", "result"], ROWS)
+    for rec in RECORDS:
+        print("JSON " + json.dumps(rec, separators=(",", ":")))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(RECORDS, f, indent=1)
+    print(f"# medians over {sz.rounds} rotating rounds of {sz.n} sequential calls per target; "
+          f"loadavg at end {open('/proc/loadavg').read().split()[:3]}; took {time.perf_counter() - t0:.0f} s")
+    if leftovers:
+        print(f"# WARNING: left behind in the temp dir: {leftovers}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
