@@ -719,18 +719,26 @@ async def with_deadline(aw: Awaitable[Any], deadline: float | None, label: str) 
 
 def _salvage_corr(frames: list[bytes], replies: bool = False) -> int | None:
     """Best effort: the correlation id of a message that could not be decoded, so its caller
-    (or, for a reply, the pending call) hears back instead of waiting out its deadline."""
-    if len(frames) < 2 or len(frames[1]) > 65536:
+    (or, for a reply, the pending call) hears back instead of waiting out its deadline. Reads
+    only the first three header fields, raw, so whatever broke the rest (bad UTF-8, a deep
+    or truncated tail, an unknown ext type) does not hide the address."""
+    if len(frames) < 2:
         return None
+    head = frames[1]
+    if not head or head[:1] == b"\xc1":  # a batch frame carries many messages: no single address
+        return None
+    unpacker = msgpack.Unpacker(raw=True, strict_map_key=False, ext_hook=lambda code, data: None,
+                                max_buffer_size=64)
     try:
-        h = msgpack.unpackb(frames[1], max_array_len=4096, max_map_len=4096, max_str_len=65536,
-                            max_bin_len=65536, max_ext_len=65536, strict_map_key=False,
-                            ext_hook=lambda code, data: None)
-    except Exception:
+        unpacker.feed(bytes(head[:32]))
+        if unpacker.read_array_header() < 3:
+            return None
+        version, kind, corr = unpacker.unpack(), unpacker.unpack(), unpacker.unpack()
+    except Exception:  # noqa: BLE001 - an unreadable prefix: no reply address
         return None
     kinds = (4, 5, 6, 7) if replies else (1, 3)
-    if type(h) is list and len(h) > 2 and type(h[1]) is int and h[1] in kinds and type(h[2]) is int and h[2] > 0:
-        return h[2]
+    if version == 1 and type(kind) is int and kind in kinds and type(corr) is int and corr > 0:
+        return corr
     return None
 
 

@@ -406,8 +406,10 @@ class Codec:
         if tensors is not None:
             tensors.owners.clear()
         hinted = any(hint in head for hint in _TIMESTAMP_HINTS)
+        end = 0
         try:
             for h in unpacker:
+                end = unpacker.tell()  # after the last whole message (tell() runs ahead at a cut one)
                 if hinted:
                     _refuse_timestamps(h, 0)
                 env = _validate(h)
@@ -416,6 +418,10 @@ class Codec:
                 out.append(env)
                 if len(out) > MAX_BATCH_DECODE:
                     raise ProtocolError(f"batch of more than {MAX_BATCH_DECODE} messages")
+            if end < n - 1:
+                # The unpacker stops quietly at a truncated last message: report it, so it is
+                # counted (and its sender does not just wait).
+                raise ProtocolError(f"batch frame ends in a truncated message ({n - 1 - end} bytes left)")
         except ProtocolError as exc:
             return out, exc
         except Exception as exc:  # msgpack's own errors, as in decode

@@ -214,24 +214,11 @@ async def test_r20_malformed_frames_rejected_counted_actor_keeps_serving(record_
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime gap (actors/_node.py _salvage_corr): the correlation id of a rejected request is "
-    "read by decoding the whole header strictly, so a request that is truncated, has trailing "
-    "data, invalid UTF-8 or nesting too deep gets no error reply although its first three "
-    "fields are readable, and its sender waits out its deadline. Fix: read only the array "
-    "header and the first three fields, with raw=True (see readable_corr in scenarios_wire)."))
 async def test_r20_every_malformed_request_with_a_reply_address_is_answered(record_property: Any) -> None:
     _check(await W.r20_error_replies(), record_property)
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime gap (transport/_wire.py Codec.decode_all): iterating a msgpack Unpacker stops "
-    "silently at a truncated message, so a batch whose last message is cut short delivers the "
-    "messages before it and drops the cut one without an error or a count. Repro: "
-    "Codec().decode_all([BATCH_MARKER + tell + tell[:-2]]) returns ([one envelope], None). Fix: "
-    "after the loop, if unpacker.tell() < len(frame) - 1, return ProtocolError('truncated "
-    "message at the end of a batch')."))
 async def test_r20_batch_with_a_truncated_last_message_is_counted(record_property: Any) -> None:
     _check(await W.r20_batch_with_truncated_tail(), record_property)
 
