@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.machinery
+import io
 import os
 import socket
 import sys
@@ -27,6 +28,8 @@ def _importable_in_child(module: types.ModuleType) -> bool:
     name = module.__name__
     if name == "__main__":
         return False
+    if name == "cascada" or name.startswith("cascada."):
+        return True  # the installed package: its subpackages live in other folders (package-dir)
     if name in sys.builtin_module_names:
         return True
     spec = getattr(module, "__spec__", None)
@@ -46,21 +49,40 @@ def _importable_in_child(module: types.ModuleType) -> bool:
     return found is not None and found.origin is not None and os.path.realpath(found.origin) == os.path.realpath(origin)
 
 
+class _SpecPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """Sends by value every class and function whose module the child could not import by
+    name (a test module, a helper beside the user's script), and by reference the rest."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file)
+        self.registered: list[types.ModuleType] = []
+        self._checked: set[str] = set()
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, (types.FunctionType, type)):
+            name = getattr(obj, "__module__", None)
+            if isinstance(name, str) and name not in self._checked:
+                self._checked.add(name)
+                module = sys.modules.get(name)
+                if module is not None and name != "__main__" and not _importable_in_child(module):
+                    cloudpickle.register_pickle_by_value(module)
+                    self.registered.append(module)
+        return super().reducer_override(obj)
+
+
 def pickle_spec(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Pickle (class, args, kwargs) for the trusted spawn channel."""
-    module = sys.modules.get(cls.__module__)
-    by_value = module is not None and not _importable_in_child(module) and module.__name__ != "__main__"
-    if by_value:
-        cloudpickle.register_pickle_by_value(module)
+    buf = io.BytesIO()
+    pickler = _SpecPickler(buf)
     try:
-        data: bytes = cloudpickle.dumps((cls, args, kwargs))
-        return data
+        pickler.dump((cls, args, kwargs))
+        return buf.getvalue()
     except Exception as exc:
         raise SerializationError(
             f"cannot send the class or constructor arguments of {cls.__qualname__} to its process: {exc}"
         ) from exc
     finally:
-        if by_value:
+        for module in pickler.registered:
             cloudpickle.unregister_pickle_by_value(module)
 
 

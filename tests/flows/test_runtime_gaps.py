@@ -15,15 +15,6 @@ from cascada.actors._flow import Sequential, StageFailed, Step
 from flows.flowkit import Leaf
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pickle_spec decides by _importable_in_child whether to send an actor class's module by value, and that "
-    "check walks sys.path with PathFinder: it cannot see the package-dir mapping (cascada.actors lives in "
-    "actors/, cascada.stages in stages/), so every actor class of cascada itself (the flows, the stage "
-    "library's Router, Expert, ...) travels by value. Its code then runs as '<dynamic-code>' (no file or line "
-    "in remote tracebacks), its module globals are copies (a module-level sentinel such as `object()` is no "
-    "longer identical to the one its helpers compare against: the flows had to make theirs pickle by name), "
-    "and each spawn pickles the whole module. Fix: ask importlib.util.find_spec (the meta path, editable "
-    "finders included) in the parent, or send by value only modules whose name the child cannot import."))
 async def test_cascadas_own_actor_classes_run_from_their_source_files_in_actor_processes() -> None:
     async with cascada.ActorSystem() as system:
         a = await system.spawn(Leaf, name="a", placement="process")
