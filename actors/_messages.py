@@ -129,6 +129,32 @@ class LocalReply(Reply):
 _END = object()
 
 
+def _timed_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(_TimedOut())
+
+
+class _TimedOut(Exception):
+    pass
+
+
+async def _wait(waiter: asyncio.Future[None], timeout: float | None) -> bool:
+    """Wait for waiter: True when it resolved, False at the timeout. A timer rather than
+    wait_for, which before Python 3.12 can swallow a cancellation that arrives just as the
+    future completes (a cancelled consumer would then go on taking items)."""
+    if timeout is None:
+        await waiter
+        return True
+    timer = asyncio.get_running_loop().call_later(max(0.0, timeout), _timed_out, waiter)
+    try:
+        await waiter
+    except _TimedOut:
+        return False
+    finally:
+        timer.cancel()
+    return True
+
+
 class StreamCredit:
     """The serving side of a stream's flow control: at most ``window`` items ahead of what
     the consumer has taken, so neither side's memory grows with a slow consumer."""
@@ -158,9 +184,8 @@ class StreamCredit:
         while self.credit <= 0 and not self.cancelled:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self._waiter, timeout)
-            except asyncio.TimeoutError:
-                return False
+                if not await _wait(self._waiter, timeout):
+                    return False
             finally:
                 self._waiter = None
         if self.cancelled:
@@ -219,7 +244,8 @@ class StreamSink(Reply):
         while not self._items:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(self._waiter, timeout)
+                if not await _wait(self._waiter, timeout):
+                    raise asyncio.TimeoutError
             finally:
                 self._waiter = None
         value = self._items.popleft()

@@ -53,14 +53,6 @@ class _Feed(cascada.Actor):
         yield 2
 
 
-@pytest.mark.xfail(sys.version_info < (3, 12), strict=True, reason=(
-    "StreamSink.get (and StreamCredit.acquire) wait with asyncio.wait_for, which before Python 3.12 swallows a "
-    "cancellation that arrives while the awaited future is already done but its task has not resumed: it "
-    "returns the item instead of raising CancelledError. So cancelling a task that consumes a busy stream "
-    "is lost about once in twenty tries (the flows' cancellation test caught it under load: a branch kept "
-    "collecting an endless stream, and the stream ran until its deadline, then failed with "
-    "DeadlineExceeded instead of CancelledError). Fix: wait with a call_later timer as wait_reply does (or "
-    "asyncio.timeout on 3.11+). The flows check Task.cancelling() at every stream item meanwhile."))
 async def test_cancelling_a_stream_consumer_as_an_item_arrives_cancels_it() -> None:
     async with cascada.ActorSystem() as system:
         feed = await system.spawn(_Feed, placement="local")  # local: the callable arrives as itself
