@@ -25,10 +25,13 @@ if TYPE_CHECKING:
 
 
 class CellStats:
-    __slots__ = ("handled", "failed", "expired", "cancelled", "deduped", "max_depth", "put_waits")
+    __slots__ = ("handled", "failed", "expired", "cancelled", "deduped", "refused", "max_depth", "max_bytes",
+                 "put_waits")
 
     def __init__(self) -> None:
         self.deduped = 0
+        self.refused = 0  # arrived while the actor was stopping: failed back with ActorDied
+        self.max_bytes = 0
         self.handled = 0
         self.failed = 0
         self.expired = 0
@@ -46,6 +49,8 @@ class ActorCell:
         self.handlers = handlers_of(type(instance))
         self._bound = {name: getattr(instance, name) for name in self.handlers}
         self.capacity = node.config.mailbox_size
+        self.capacity_bytes = node.config.mailbox_bytes
+        self.bytes = 0  # held in the mailbox, counted for messages from other processes
         self.mailbox: deque[Message] = deque()
         self.stats = CellStats()
         self.running = False
@@ -106,9 +111,14 @@ class ActorCell:
         depth = len(mailbox)
         if depth > self.stats.max_depth:
             self.stats.max_depth = depth
+        size = msg.size
+        if size:
+            self.bytes += size
+            if self.bytes > self.stats.max_bytes:
+                self.stats.max_bytes = self.bytes
         if depth == 1:
             self._wake()
-        return depth >= self.capacity
+        return depth >= self.capacity or self.bytes >= self.capacity_bytes
 
     async def put(self, msg: Message) -> None:
         """Accept a message from this process; waits while the mailbox is full."""
@@ -120,6 +130,7 @@ class ActorCell:
         self.deliver(msg)
 
     def _refuse(self, msg: Message) -> None:
+        self.stats.refused += 1
         if msg.reply is not None:
             msg.reply.fail(ActorDied(f"actor {self.name!r} is stopping; the message was not run", actor=self.name), "died")
 
@@ -133,6 +144,7 @@ class ActorCell:
         self.running = False
         self.node.cells.pop(self.name, None)
         self.node.tombstones[self.name] = err
+        self.bytes = 0
         while self.mailbox:
             msg = self.mailbox.popleft()
             if msg.reply is not None:
@@ -158,8 +170,10 @@ class ActorCell:
             self.stats.cancelled += 1
             task.cancel()
 
-    def _took_one(self) -> None:
-        if len(self.mailbox) < self.capacity:
+    def _took_one(self, msg: Message) -> None:
+        if msg.size:
+            self.bytes -= msg.size
+        if len(self.mailbox) < self.capacity and self.bytes < self.capacity_bytes:
             room = self._room
             if room is not None and not room.done():
                 room.set_result(None)
@@ -195,7 +209,7 @@ class ActorCell:
                         self._wakeup = None
                     continue
                 msg = mailbox.popleft()
-                self._took_one()
+                self._took_one(msg)
                 await self._handle(msg)
         finally:
             self.running = False
@@ -454,6 +468,10 @@ class ActorCell:
             "incarnation": self.incarnation,
             "depth": len(self.mailbox),
             "capacity": self.capacity,
+            "bytes": self.bytes,
+            "capacity_bytes": self.capacity_bytes,
+            "max_bytes": s.max_bytes,
+            "refused": s.refused,
             "max_depth": s.max_depth,
             "handled": s.handled,
             "failed": s.failed,

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 class Message:
     __slots__ = ("kind", "method", "args", "kwargs", "deadline", "reply", "credit", "owners", "ctx", "target",
-                 "done", "cancelled", "task", "key")
+                 "done", "cancelled", "task", "key", "size")
 
     def __init__(
         self,
@@ -52,6 +52,7 @@ class Message:
         self.cancelled = False  # the caller cancelled: skip it if queued, cancel its handler if running
         self.task: asyncio.Task[Any] | None = None  # the task its handler runs in, while it runs
         self.key = key  # idempotency key of an at-least-once call (see cascada.idempotent)
+        self.size = 0  # bytes it arrived in (0 for a local message: nothing was serialized)
 
 
 class Reply:

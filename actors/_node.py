@@ -64,8 +64,8 @@ UNSET = _Unset()
 class NodeConfig:
     """Settings shared by every node of a system (they travel to actor processes)."""
 
-    __slots__ = ("hwm", "max_header_bytes", "max_frames", "max_frame_bytes", "mailbox_size", "stream_window",
-                 "default_timeout", "tensors")
+    __slots__ = ("hwm", "max_header_bytes", "max_frames", "max_frame_bytes", "mailbox_size", "mailbox_bytes",
+                 "stream_window", "default_timeout", "tensors")
 
     def __init__(
         self,
@@ -75,13 +75,14 @@ class NodeConfig:
         max_frames: int = 1024,
         max_frame_bytes: int = 1 << 30,
         mailbox_size: int = 1024,
+        mailbox_bytes: int = 64 << 20,
         stream_window: int = 64,
         default_timeout: float = 300.0,
         tensors: TensorOptions | None = None,
     ) -> None:
         for key, value in (("hwm", hwm), ("max_header_bytes", max_header_bytes), ("max_frames", max_frames),
                            ("max_frame_bytes", max_frame_bytes), ("mailbox_size", mailbox_size),
-                           ("stream_window", stream_window)):
+                           ("mailbox_bytes", mailbox_bytes), ("stream_window", stream_window)):
             if type(value) is not int or value <= 0:
                 raise ConfigurationError(f"{key} must be a positive int, got {value!r}")
         if not (isinstance(default_timeout, (int, float)) and default_timeout > 0):
@@ -94,6 +95,7 @@ class NodeConfig:
         self.max_frames = max_frames
         self.max_frame_bytes = max_frame_bytes
         self.mailbox_size = mailbox_size
+        self.mailbox_bytes = mailbox_bytes
         self.stream_window = stream_window
         self.default_timeout = float(default_timeout)
         self.tensors = tensors or TensorOptions()
@@ -216,6 +218,7 @@ class Node:
         self.log = RateLimitedLog()
         self.closed = False
         self.full_cells: set[str] = set()
+        self._inbound_size = 0
         # Messages received after a mailbox filled part way through a batch frame; they are
         # delivered, in order, before the ROUTER is read again. At most one batch long.
         self.backlog: deque[tuple[bytes, Envelope]] = deque()
@@ -327,6 +330,8 @@ class Node:
             self._reject(identity, frames, exc)
             return
         self.stats.received += len(envs)
+        # What each message holds in a mailbox: its frames (a batch's frame shared out evenly).
+        self._inbound_size = sum(len(f) for f in frames[1:]) // len(envs) if envs else 0
         if self.backlog:
             self.backlog.extend((identity, env) for env in envs)
         else:
@@ -363,6 +368,7 @@ class Node:
             method = cast(str, env.method)  # the codec refuses requests without one
             msg = Message(kind, method, args, kwargs, env.deadline, reply, credit, env.owners, env.ctx, env.target,
                           env.key)
+            msg.size = self._inbound_size
             if reply is not None:
                 self.running[(identity, env.corr)] = msg
             if cell.deliver(msg):

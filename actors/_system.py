@@ -81,7 +81,10 @@ class ActorSystem:
       them (``"torch"``) costs a fork, not an interpreter start.
     - ``default_timeout``: seconds an ask, tell or stream waits when no ``timeout`` is given
       (``math.inf`` for none).
-    - ``mailbox_size``: messages an actor's mailbox holds before senders are pushed back.
+    - ``mailbox_size``: messages an actor's mailbox holds before senders are pushed back;
+      ``mailbox_bytes`` (64 MiB): the bytes it holds of messages from other processes (their
+      frames as received; shared-memory tensors count as their small descriptors, the pool
+      bounds their data).
     - ``spawn_timeout``: seconds a process actor has to become ready.
     - ``stop_timeout``: seconds an actor has to drain and stop before it is sent SIGTERM,
       and again before SIGKILL.
@@ -118,6 +121,7 @@ class ActorSystem:
         preload: Sequence[str] = (),
         default_timeout: float = 300.0,
         mailbox_size: int = 1024,
+        mailbox_bytes: int = 64 << 20,
         spawn_timeout: float = 60.0,
         stop_timeout: float = 5.0,
         ipc_dir: str | None = None,
@@ -145,6 +149,7 @@ class ActorSystem:
                 raise ConfigurationError(f"{key} must be a positive number of seconds, got {value!r}")
         self.config = NodeConfig(hwm=hwm, max_header_bytes=max_header_bytes, max_frames=max_frames,
                                  max_frame_bytes=max_frame_bytes, mailbox_size=mailbox_size,
+                                 mailbox_bytes=mailbox_bytes,
                                  stream_window=stream_window, default_timeout=default_timeout,
                                  tensors=TensorOptions(inline_max=tensor_inline_max, shm_pool_bytes=shm_pool_bytes,
                                                        shm_on_exhausted=shm_on_exhausted, lease_ttl=lease_ttl,

@@ -269,3 +269,20 @@ async def test_a_mailbox_full_until_the_deadline_raises_overloaded() -> None:
             await ref.tell("record", 2, timeout=0.2)
         await busy
         assert await ref.ask("history") == ["busy", 0, 1]  # the refused one never ran
+
+
+async def test_a_mailbox_is_bounded_in_bytes_too() -> None:
+    np = pytest.importorskip("numpy")
+    # Arrays of 200 KiB travel as frames (under tensor_inline_max): a 1 MiB mailbox holds five.
+    async with cascada.ActorSystem(mailbox_bytes=1 << 20, hwm=2, tensor_inline_max=256 << 10) as system:
+        ref = await system.spawn(Recorder)
+        busy = asyncio.ensure_future(ref.ask("nap", 1.0, "busy"))
+        await asyncio.sleep(0.1)
+        for i in range(40):
+            await ref.tell("record", np.full(200 << 10, i % 256, dtype=np.uint8), timeout=30)
+        await busy
+        assert len(await ref.ask("history", timeout=30)) == 41
+        actor = (await system.stats(ref))["actors"][0]
+        assert actor["capacity_bytes"] == 1 << 20
+        assert (1 << 20) <= actor["max_bytes"] < (1 << 20) + (256 << 10)  # stopped reading at the bound
+        assert actor["max_depth"] <= 6 and actor["bytes"] == 0
