@@ -1,4 +1,6 @@
-"""``cascada demo``: a small two-tier cascade in four processes, standard library only.
+"""``cascada run text``: a small two-tier text cascade in four processes, standard library only.
+
+(This was the first ``cascada demo``; the demo is now F1, the digits cascade.)
 
     driver ──ask──▶ Router ──ask──▶ cheap Expert   (keyword heuristic)
        ▲              │   ──ask──▶ Verifier        (accept when confident)
@@ -323,7 +325,7 @@ def render(f: Figures) -> str:
     n = f.requests
     lines = [
         "",
-        f"cascada demo: {f.requests} documents through a {len(f.actors)}-actor cascade, {f.in_flight} in flight",
+        f"cascada run text: {f.requests} documents through a {len(f.actors)}-actor cascade, {f.in_flight} in flight",
         "",
         f"  {'actor':<10} {'role':<34} {'pid':>8} {'handled':>8}",
         f"  {'driver':<10} {'pushes documents, reads progress':<34} {f.driver_pid:>8} {'-':>8}",
@@ -346,15 +348,15 @@ def render(f: Figures) -> str:
 
 def main(requests: int = 2000, json_path: str | None = None) -> int:
     if requests < 1:
-        print("cascada demo: --requests must be at least 1", file=sys.stderr)
+        print("cascada run text: --requests must be at least 1", file=sys.stderr)
         return 2
     try:
         figures = run(_run(requests))
     except CascadaError as exc:
-        print(f"cascada demo failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"cascada run text failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, asyncio.CancelledError):
-        print("\ncascada demo: interrupted", file=sys.stderr)
+        print("\ncascada run text: interrupted", file=sys.stderr)
         return 130
     print(render(figures))
     if json_path:
