@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import signal
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -110,6 +111,9 @@ class ActorSystem:
       ``heartbeat_interval x heartbeat_liveness`` seconds (SIGSTOPped, or a handler blocking
       its loop) is declared unresponsive and killed, and its supervisor takes over.
       ``heartbeat_interval=None`` turns heartbeats off.
+    - ``drain_on_sigterm`` (default True): SIGTERM to this process shuts the system down
+      gracefully (as leaving ``async with`` does) instead of killing it; ``wait_closed()``
+      waits for that.
     - Supervision: every actor has a supervisor; without ``supervisor=`` in ``spawn`` it is
       the system's root supervisor (one_for_one, ``restart_intensity`` restarts in
       ``restart_period`` seconds). Actors are ``restart="temporary"`` unless spawned otherwise.
@@ -141,6 +145,7 @@ class ActorSystem:
         heartbeat_liveness: int = 10,
         restart_intensity: int = 3,
         restart_period: float = 5.0,
+        drain_on_sigterm: bool = True,
     ) -> None:
         if isinstance(preload, str) or not all(isinstance(m, str) and m for m in preload):
             raise ConfigurationError(f"preload must be a sequence of module names, got {preload!r}")
@@ -199,6 +204,11 @@ class ActorSystem:
         self._specs: dict[str, _Spec] = {}
         self._sup_locks: dict[str, asyncio.Lock] = {}
         self._escalations: list[RestartIntensityExceeded] = []
+        self._drain_on_sigterm = bool(drain_on_sigterm)
+        self._sigterm_prev: Any = None
+        self._sigterm_installed = False
+        self._shutdown_task: asyncio.Task[None] | None = None
+        self._closed_event: asyncio.Event | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -221,7 +231,28 @@ class ActorSystem:
         self._node = node
         self._spawner = Spawner(self._preload, self._on_child_exit)
         self._ctx_token = current_node.set(node)
+        self._closed_event = asyncio.Event()
+        if self._drain_on_sigterm and threading.current_thread() is threading.main_thread():
+            try:
+                self._sigterm_prev = signal.getsignal(signal.SIGTERM)
+                node.loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+                self._sigterm_installed = True
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # a loop without signal support: SIGTERM keeps its old meaning
         return self
+
+    def _on_sigterm(self) -> None:
+        """SIGTERM drains the system: no new work, every actor finishes what it accepted and
+        stops (newest first, each within stop_timeout, then SIGTERM, then SIGKILL)."""
+        if self._shutdown_task is None and not self._closing and self._node is not None:
+            self._node.log.warning("sigterm", "SIGTERM: draining and stopping every actor")
+            self._shutdown_task = self._node.loop.create_task(self.shutdown())
+
+    async def wait_closed(self) -> None:
+        """Wait until the system has shut down (after SIGTERM, say): a daemon's main loop."""
+        if self._closed_event is None:
+            raise SystemClosed("the ActorSystem was never entered")
+        await self._closed_event.wait()
 
     def _new_endpoint(self, stem: str | None = None) -> str:
         if self._transport == "tcp":
@@ -230,6 +261,8 @@ class ActorSystem:
         return self._dir.endpoint(stem)
 
     async def __aexit__(self, *exc: object) -> None:
+        if self._shutdown_task is not None:
+            await asyncio.shield(self._shutdown_task)
         await self.shutdown()
 
     @property
@@ -268,6 +301,15 @@ class ActorSystem:
                 except ValueError:
                     pass  # exited from another context than the one that entered
                 self._ctx_token = None
+            if self._sigterm_installed:
+                self._sigterm_installed = False
+                try:
+                    asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+                    signal.signal(signal.SIGTERM, self._sigterm_prev)
+                except (RuntimeError, ValueError, TypeError):
+                    pass
+            if self._closed_event is not None:
+                self._closed_event.set()
 
     # -- spawning --------------------------------------------------------------------------
 

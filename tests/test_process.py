@@ -8,6 +8,8 @@ import os
 import signal
 import stat
 import struct
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -353,3 +355,76 @@ def test_actor_processes_die_with_a_sigkilled_driver(tmp_path: Any) -> None:
             driver.wait(10)
         if driver.stdout is not None:
             driver.stdout.close()
+
+
+SIGTERM_DRIVER = r"""
+import asyncio, sys
+import cascada
+
+class Slow(cascada.Actor):
+    def __init__(self) -> None:
+        self.n = 0
+    async def work(self, seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "finished"
+    async def note(self) -> None:
+        self.n += 1
+    async def on_stop(self) -> None:
+        print(f"on_stop saw {self.n} notes", flush=True)
+
+async def main() -> None:
+    async with cascada.ActorSystem(heartbeat_interval=None) as system:
+        a = await system.spawn(Slow, name="a")
+        b = await system.spawn(Slow, name="b")
+        for _ in range(50):
+            await b.tell("note")
+        pending = asyncio.ensure_future(a.ask("work", 1.0))
+        await asyncio.sleep(0.2)
+        print("ready", flush=True)
+        await system.wait_closed()
+        print("pending:", await pending, flush=True)
+        try:
+            await system.spawn(Slow)
+        except cascada.SystemClosed:
+            print("no new work", flush=True)
+    print("exited", flush=True)
+
+cascada.run(main())
+"""
+
+
+def test_sigterm_to_the_driver_drains_every_actor_and_exits(tmp_path: Any) -> None:
+    script = tmp_path / "driver.py"
+    script.write_text(SIGTERM_DRIVER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        from support import descendants
+
+        family = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert "pending: finished" in lines  # accepted work finished, its reply arrived
+    assert "on_stop saw 50 notes" in lines  # every accepted tell ran before the actor stopped
+    assert "no new work" in lines and lines[-1] == "exited"
+    from support import descendants as _desc
+
+    assert _desc(proc.pid) == []
+    assert all(not os.path.exists(f"/proc/{p}") or _zombie_or_gone(p) for p in family)
+
+
+def _zombie_or_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
