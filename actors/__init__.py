@@ -20,6 +20,7 @@ from ._errors import (
     SystemClosed,
     TensorLost,
     TransportClosed,
+    WrongThread,
 )
 from ._flow import (
     BudgetExhausted,
@@ -89,6 +90,7 @@ __all__ = [
     "TensorPath",
     "Transport",
     "TransportClosed",
+    "WrongThread",
     "ask_flow",
     "concurrent",
     "context",

@@ -20,6 +20,7 @@
     ├── PoolExhausted                     no room in the shared-memory pool before the deadline
     ├── HandleNotPortable                 a CUDA tensor addressed to another host, copying off
     ├── RestartIntensityExceeded          a supervisor restarted too often and escalated
+    ├── WrongThread                       a ref used from a thread other than its loop's
     └── RemoteError                       the handler raised; carries the remote type, message
                                           and traceback text
 
@@ -58,6 +59,7 @@ __all__ = [
     "SystemClosed",
     "TensorLost",
     "TransportClosed",
+    "WrongThread",
 ]
 
 
@@ -144,3 +146,9 @@ class Overloaded(DeadlineExceeded):
     """The callee's mailbox (or the way to it) stayed full until the call's deadline. The
     message did not run and will not (a receiver drops expired work unrun): it is safe to
     retry later. A DeadlineExceeded, so code that handles deadlines handles this too."""
+
+
+class WrongThread(CascadaError):
+    """A ref (or system) was used from a thread other than the one running its event loop.
+    cascada's sockets belong to that loop; hand the call to it instead, e.g.
+    ``asyncio.run_coroutine_threadsafe(ref.ask("m"), loop).result()``."""

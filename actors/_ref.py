@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from ..transport._errors import DeadlineExceeded
 from ..transport._tensors import Via, unwrap_via
 from ..transport._wire import Kind
 from ._context import outgoing
-from ._errors import ActorDied, ConfigurationError, Overloaded, SystemClosed
+from ._errors import ActorDied, ConfigurationError, Overloaded, SystemClosed, WrongThread
 from ._node import wait_reply, wait_room
 from ._messages import END, LocalReply, Message, StreamCredit, StreamSink
 
@@ -63,12 +64,20 @@ class ActorRef:
 
     def _bind(self) -> Node:
         node = self._node
-        if node is None or node.closed:
-            node = current_node.get(None)
-            if node is None or node.closed:
+        if node is None or node.closed or node._thread != threading.get_ident():
+            here = current_node.get(None)
+            if here is not None and not here.closed:
+                node = here
+            elif node is None or node.closed:
                 raise SystemClosed(
                     f"ref to {self.name!r} used outside a running ActorSystem: use it inside "
                     "`async with cascada.ActorSystem()` or inside an actor"
+                )
+            if node._thread != threading.get_ident():
+                raise WrongThread(
+                    f"ref to {self.name!r} used from thread {threading.get_ident()}, but its ActorSystem's "
+                    f"event loop runs on thread {node._thread}: hand the call to that loop, e.g. "
+                    "asyncio.run_coroutine_threadsafe(ref.ask(...), loop).result()"
                 )
             self._node = node
         return node
@@ -87,7 +96,7 @@ class ActorRef:
         fresh one). A handler marked ``@cascada.idempotent`` runs once per key and answers
         repeats from its reply cache; any other handler may run more than once."""
         node = self._node
-        if node is None or node.closed:
+        if node is None or node.closed or node._thread != threading.get_ident():
             node = self._bind()
         deadline, ctx = outgoing(self.name, node.deadline(timeout))
         if retries or idempotency_key is not None:
@@ -143,7 +152,7 @@ class ActorRef:
         mailbox or transport pushes back (this awaits), up to the deadline. Errors in the
         handler are logged and counted on the receiving side, not returned."""
         node = self._node
-        if node is None or node.closed:
+        if node is None or node.closed or node._thread != threading.get_ident():
             node = self._bind()
         deadline, ctx = outgoing(self.name, node.deadline(timeout))
         if self.endpoint == node.endpoint:
@@ -173,7 +182,7 @@ class ActorRef:
         an abandoned async generator is only closed when the garbage collector finalizes it.
         ``timeout`` bounds the whole stream."""
         node = self._node
-        if node is None or node.closed:
+        if node is None or node.closed or node._thread != threading.get_ident():
             node = self._bind()
         deadline, ctx = outgoing(self.name, node.deadline(timeout))
         window = window or node.config.stream_window

@@ -47,6 +47,7 @@ from .actors import TensorLost as TensorLost
 from .actors import TensorPath as TensorPath
 from .actors import Transport as Transport
 from .actors import TransportClosed as TransportClosed
+from .actors import WrongThread as WrongThread
 from .actors import concurrent as concurrent
 from .actors import context as context
 from .actors import current_context as current_context
@@ -121,6 +122,7 @@ __all__ = [
     "Topology",
     "Transport",
     "TransportClosed",
+    "WrongThread",
     "ask_flow",
     "build_topology",
     "concurrent",

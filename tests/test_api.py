@@ -19,7 +19,7 @@ EXPECTED = {
     "ConfigurationError", "CudaCrossHost", "DeadlineExceeded", "HandleNotPortable", "OnExhausted", "Placement",
     "PoolExhausted", "ProtocolError", "RemoteError", "SerializationError", "SystemClosed", "TensorLost",
     "TensorPath", "Transport", "TransportClosed", "concurrent", "empty", "run", "via", "Context", "context",
-    "current_context", "Overloaded", "RestartIntensityExceeded", "RestartType", "Strategy", "Supervisor", "idempotent",
+    "current_context", "Overloaded", "RestartIntensityExceeded", "RestartType", "Strategy", "Supervisor", "idempotent", "WrongThread",
     "BudgetExhausted", "Cascade", "FanOut", "Flow", "FlowDepthExceeded", "FlowError", "InvalidDecision", "LoopUntil", "Route", "RoundLimitExceeded", "SELF", "Sequential", "StageFailed", "Step", "ask_flow", "flow_error", "stream_flow", "Topology", "build_topology", "load_topology",
 }
 

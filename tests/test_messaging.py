@@ -286,3 +286,24 @@ async def test_a_mailbox_is_bounded_in_bytes_too() -> None:
         assert actor["capacity_bytes"] == 1 << 20
         assert (1 << 20) <= actor["max_bytes"] < (1 << 20) + (256 << 10)  # stopped reading at the bound
         assert actor["max_depth"] <= 6 and actor["bytes"] == 0
+
+
+async def test_a_ref_used_from_another_thread_raises_wrong_thread() -> None:
+    async with cascada.ActorSystem() as system:
+        for placement in ("local", "process"):
+            ref = await system.spawn(Counter, placement=placement)  # type: ignore[arg-type]
+            loop = asyncio.get_running_loop()
+
+            def elsewhere() -> str:
+                try:
+                    asyncio.run(ref.ask("add", 1))
+                except cascada.WrongThread as exc:
+                    return str(exc)
+                return "no error"
+
+            assert "run_coroutine_threadsafe" in await asyncio.to_thread(elsewhere)
+
+            def handed_over() -> Any:
+                return asyncio.run_coroutine_threadsafe(ref.ask("add", 2), loop).result(10)
+
+            assert await asyncio.to_thread(handed_over) == 2  # the call the other thread made did not run
