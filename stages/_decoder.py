@@ -18,6 +18,7 @@ ints (or 1-D integer tensors).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
@@ -104,6 +105,147 @@ class Stepper:
         return self._logits
 
 
+def truncate_cache(model: Any, past: Any, length: int) -> Any:
+    """``past`` keeping only its first ``length`` positions, or None when that cannot be done.
+
+    A model's own ``truncate_past(past, length)`` method is used when it has one; otherwise a
+    past shaped like TinyCausalLM's and CharLM's (a sequence of per-layer ``(keys, values)``
+    tensors, positions on dim -2) is sliced. Anything else gives None (the caller then
+    re-scores from scratch). Slices are views; the models here never modify a past in place."""
+    if past is None:
+        return None
+    if length == 0:
+        return None
+    own = getattr(model, "truncate_past", None)
+    if callable(own):
+        return own(past, length)
+    if not isinstance(past, (list, tuple)) or not past:
+        return None
+    out: list[tuple[torch.Tensor, ...]] = []
+    for layer in past:
+        if not isinstance(layer, (list, tuple)) or not layer:
+            return None
+        parts: list[torch.Tensor] = []
+        for t in layer:
+            if not isinstance(t, torch.Tensor) or t.dim() < 2 or t.shape[-2] < length:
+                return None
+            parts.append(t[..., :length, :])
+        out.append(tuple(parts))
+    return type(past)(out) if isinstance(past, tuple) else out
+
+
+class KVSession:
+    """One sequence's KV cache, kept across calls (speculative rounds) and rolled back on
+    demand.
+
+    ``tokens`` are the positions ``past`` covers (all of them, or none when the model keeps
+    no cache). ``score(seq, new)`` returns the logits rows ``[len(new), V]`` of ``new``
+    following ``seq``: the cache is first rolled back to the longest common prefix of
+    ``seq`` and ``tokens`` (``truncate_cache``), then only the positions it lacks are run,
+    in one forward pass. A model whose forward returns None as its past (or
+    ``use_cache=False``) is run on the whole sequence every time, as without a session."""
+
+    def __init__(self, model: Callable[..., Any], *, use_cache: bool = True) -> None:
+        self.model = model
+        self.device = model_device(model)
+        self.use_cache = use_cache
+        self.tokens: list[int] = []
+        self.past: Any = None
+        self.positions_run = 0  # positions fed to the model (a cost measure)
+        self.calls = 0
+
+    @property
+    def cached(self) -> int:
+        return len(self.tokens) if self.past is not None else 0
+
+    def rollback(self, length: int) -> None:
+        """Keep the cache's first ``length`` positions (no-op when it holds no more)."""
+        if length >= len(self.tokens):
+            return
+        self.past = truncate_cache(self.model, self.past, length) if length > 0 else None
+        self.tokens = self.tokens[:length] if self.past is not None else []
+
+    def sync(self, seq: Sequence[int], keep_at_most: int | None = None) -> int:
+        """Roll back to the longest common prefix of ``seq`` and the cached tokens (and at
+        most ``keep_at_most``); return how many positions stay cached."""
+        n = 0
+        limit = min(len(seq), len(self.tokens))
+        if keep_at_most is not None:
+            limit = min(limit, keep_at_most)
+        toks = self.tokens
+        while n < limit and toks[n] == seq[n]:
+            n += 1
+        self.rollback(n)
+        return self.cached
+
+    def score(self, seq: Sequence[int], new: Sequence[int]) -> torch.Tensor:
+        """Logits rows ``[len(new), V]``: row i scores the token after ``seq + new[:i + 1]``.
+        ``new`` must not be empty."""
+        if not new:
+            raise StageInputError("KVSession.score: nothing to score")
+        m = self.sync(seq)
+        feed = list(seq[m:]) + list(new)
+        past = self.past if m else None
+        if past is None:
+            feed = list(seq) + list(new)
+        x = torch.tensor([feed], dtype=torch.long, device=self.device)
+        with torch.no_grad():
+            logits, new_past = self.model(x, past)
+        self.calls += 1
+        self.positions_run += len(feed)
+        if self.use_cache and new_past is not None:
+            self.past = new_past
+            self.tokens = list(seq) + list(new)
+        else:
+            self.past, self.tokens = None, []
+        rows: torch.Tensor = logits[0, -len(new):]
+        return rows
+
+
+class SessionCache:
+    """Per generation session KV caches, keyed by a session id, at most ``max_sessions``
+    (least recently used evicted first)."""
+
+    def __init__(self, model: Callable[..., Any], max_sessions: int, *, use_cache: bool = True,
+                 where: str = "SessionCache") -> None:
+        if isinstance(max_sessions, bool) or not isinstance(max_sessions, int) or max_sessions < 1:
+            raise ConfigurationError(f"{where}: max_sessions must be an integer >= 1, got {max_sessions!r}")
+        self.model = model
+        self.max_sessions = max_sessions
+        self.use_cache = use_cache
+        self._sessions: OrderedDict[str, KVSession] = OrderedDict()
+        self.evicted = 0
+        self.opened = 0
+
+    def get(self, key: Any) -> KVSession:
+        if not isinstance(key, str) or not key:
+            raise StageInputError(f"session ids are non-empty strings, got {key!r}")
+        s = self._sessions.get(key)
+        if s is None:
+            s = KVSession(self.model, use_cache=self.use_cache)
+            self._sessions[key] = s
+            self.opened += 1
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+                self.evicted += 1
+        else:
+            self._sessions.move_to_end(key)
+        return s
+
+    def end(self, key: Any) -> bool:
+        return self._sessions.pop(key, None) is not None if isinstance(key, str) else False
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sessions
+
+    def stats(self) -> dict[str, int]:
+        return {"sessions": len(self._sessions), "max_sessions": self.max_sessions, "opened": self.opened,
+                "evicted": self.evicted}
+
+
 def _pick(logits: torch.Tensor, mode: Mode, temperature: float, top_k: int | None,
           sampler: Sampler | None) -> tuple[int, torch.Tensor]:
     """The next token and the distribution it was drawn from (one-hot for greedy)."""
@@ -148,11 +290,16 @@ def _generate(model: Callable[..., Any], prefix: list[int], max_new: int, mode: 
 
 def draft_tokens(model: Callable[..., Any], prefix: Any, k: int, *, mode: Mode = "greedy", temperature: float = 1.0,
                  top_k: int | None = None, seed: int | None = None, sampler: Sampler | None = None,
-                 eos: int | None = None, use_cache: bool = True) -> tuple[list[int], torch.Tensor]:
+                 eos: int | None = None, use_cache: bool = True,
+                 session: KVSession | None = None) -> tuple[list[int], torch.Tensor]:
     """Propose up to ``k`` tokens after ``prefix`` and the rows ``q`` (``[n, V]``, float64)
     they were drawn from: the sampling distribution when sampling, a one-hot row at the
     argmax when greedy (so a greedy draft still verifies exactly under rejection sampling).
-    Fewer than ``k`` come back when ``eos`` is drafted (it is the last)."""
+    Fewer than ``k`` come back when ``eos`` is drafted (it is the last).
+
+    With ``session`` (a KVSession over ``model``) the KV cache is carried across calls: only
+    the positions of ``prefix`` the session has not seen (after rolling back to the common
+    prefix) are run, then one position per drafted token."""
     where = "draft"
     check_sampling(mode, temperature, top_k, seed, where)
     _check_count("k", k, where)
@@ -163,6 +310,18 @@ def draft_tokens(model: Callable[..., Any], prefix: Any, k: int, *, mode: Mode =
     rows: list[torch.Tensor] = []
     if k == 0:
         return tokens, torch.zeros((0, 0), dtype=torch.float64)
+    if session is not None:
+        seq = list(prefix_ids)
+        logits = session.score(seq[:-1], seq[-1:])[-1]
+        for i in range(k):
+            tok, row = _pick(logits, mode, temperature, top_k, sampler)
+            tokens.append(tok)
+            rows.append(row.to("cpu"))
+            if tok == eos or i == k - 1:
+                break
+            logits = session.score(seq, [tok])[-1]
+            seq.append(tok)
+        return tokens, torch.stack(rows)
     stepper = Stepper(model, prefix_ids, use_cache=use_cache)
     for i in range(k):
         tok, row = _pick(stepper.logits(), mode, temperature, top_k, sampler)
@@ -189,22 +348,29 @@ class Decoder(Actor):
     - ``generate(prompt_tokens, max_new, mode="greedy", temperature=1.0, top_k=None,
       seed=None, eos=None)``: a stream of tokens, one at a time.
     - ``complete(...)``: the same, as one list.
-    - ``draft(prefix_tokens, k, mode=..., seed=..., with_q=True)``: ``{"tokens": [k ints],
-      "q": FloatTensor[k, V] (float64) or None}``, the proposal for speculative decoding.
-    - ``stats()``: requests, tokens generated and drafted.
+    - ``draft(prefix_tokens, k, mode=..., seed=..., with_q=True, session=None)``:
+      ``{"tokens": [k ints], "q": FloatTensor[k, V] (float64) or None}``, the proposal for
+      speculative decoding. With ``session`` (a string the driver picks per generation) the
+      draft's KV cache is kept between calls of that session and rolled back to the common
+      prefix of the next call's ``prefix_tokens`` (rejected drafts), so a round runs only the
+      new positions. At most ``max_sessions`` are kept, the least recently used evicted
+      first (an evicted session just re-scores its prefix once).
+    - ``end_session(session)``: drop a session's cache (True if it was held).
+    - ``stats()``: requests, tokens generated and drafted, sessions.
 
     Sampling with the same seed gives the same tokens; without a seed each request draws a
     fresh one.
     """
 
     def __init__(self, model: Any = None, *, factory: Callable[[], Any] | None = None, device: str = "cpu",
-                 threads: int | None = None, use_cache: bool = True) -> None:
+                 threads: int | None = None, use_cache: bool = True, max_sessions: int = 64) -> None:
         where = "Decoder"
         check_model_args(model, factory, where)
         self._device = resolve_device(device, where)
         set_threads(threads, where)
         self.model = build_model(model, factory, self._device, where)
         self.use_cache = bool(use_cache)
+        self.sessions = SessionCache(self.model, max_sessions, use_cache=self.use_cache, where=where)
         self.requests = 0
         self.generated = 0
         self.drafted = 0
@@ -230,14 +396,20 @@ class Decoder(Actor):
 
     async def draft(self, prefix_tokens: Any, k: int, mode: Mode = "greedy", temperature: float = 1.0,
                     top_k: int | None = None, seed: int | None = None, eos: int | None = None,
-                    with_q: bool = True) -> dict[str, Any]:
-        """Propose ``k`` tokens after the prefix, with the rows they were drawn from."""
+                    with_q: bool = True, session: str | None = None) -> dict[str, Any]:
+        """Propose ``k`` tokens after the prefix, with the rows they were drawn from (with the
+        session's KV cache when ``session`` is given)."""
         self.requests += 1
+        kv = None if session is None else self.sessions.get(session)
         tokens, q = draft_tokens(self.model, prefix_tokens, k, mode=mode, temperature=temperature, top_k=top_k,
-                                 seed=seed, eos=eos, use_cache=self.use_cache)
+                                 seed=seed, eos=eos, use_cache=self.use_cache, session=kv)
         self.drafted += len(tokens)
         return {"tokens": tokens, "q": q if with_q else None}
 
+    async def end_session(self, session: str) -> bool:
+        """Drop the session's KV cache; True if it was held."""
+        return self.sessions.end(session)
+
     async def stats(self) -> dict[str, Any]:
         return {"requests": self.requests, "generated": self.generated, "drafted": self.drafted,
-                "device": str(self._device), "use_cache": self.use_cache}
+                "device": str(self._device), "use_cache": self.use_cache, **self.sessions.stats()}

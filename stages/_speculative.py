@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..actors import ConfigurationError, DeadlineExceeded
-from ._decoder import as_tokens, draft_tokens, model_device
+from ._decoder import KVSession, as_tokens, draft_tokens, model_device
 from ._errors import StageInputError
 from ._sampling import Mode, Sampler, TorchSampler, check_sampling, derive_seed, sampling_probs
 
@@ -100,15 +100,24 @@ class Verification:
 
 def verify_drafted(model: Callable[..., Any], prefix: Any, drafted: Any, q_rows: Any = None, *,
                    mode: Mode = "greedy", temperature: float = 1.0, top_k: int | None = None,
-                   seed: int | None = None, sampler: Sampler | None = None) -> Verification:
+                   seed: int | None = None, sampler: Sampler | None = None,
+                   session: KVSession | None = None) -> Verification:
     """Score ``drafted`` after ``prefix`` with the target ``model`` in one pass and accept by
-    rejection sampling (``mode="sample"``, needs ``q_rows``) or by argmax (``"greedy"``)."""
+    rejection sampling (``mode="sample"``, needs ``q_rows``) or by argmax (``"greedy"``).
+
+    With ``session`` (a KVSession over ``model``, kept across rounds) the pass runs only the
+    positions the session's cache lacks: after the previous round, the last token of
+    ``prefix`` (the one the target itself emitted) and the drafted tokens. The cache is then
+    rolled back to ``prefix`` plus the accepted drafted tokens."""
     where = "verify"
     check_sampling(mode, temperature, top_k, seed, where)
     vocab = getattr(model, "vocab", None)
     prefix_ids = as_tokens(prefix, where, vocab=vocab)
     drafted_ids = as_tokens(drafted, where, vocab=vocab, allow_empty=True)
-    logits = score_drafted(model, prefix_ids, drafted_ids)
+    if session is not None:
+        logits = session.score(prefix_ids[:-1], prefix_ids[-1:] + drafted_ids)
+    else:
+        logits = score_drafted(model, prefix_ids, drafted_ids)
     if mode == "greedy":
         n, nxt = greedy_accept(logits, drafted_ids)
     else:
@@ -120,6 +129,8 @@ def verify_drafted(model: Callable[..., Any], prefix: Any, drafted: Any, q_rows:
             q = torch.as_tensor(q, dtype=torch.float64)
         p = sampling_probs(logits, temperature, top_k)
         n, nxt = accept_reject(p, q, drafted_ids, sampler if sampler is not None else TorchSampler(seed))
+    if session is not None:
+        session.rollback(len(prefix_ids) + n)
     return Verification(n, drafted_ids[:n] + [nxt])
 
 
@@ -214,10 +225,14 @@ def speculative_decode(draft_model: Callable[..., Any], target_model: Callable[.
     """Speculative decoding in this process: the same rounds, seeds and statistics as
     ``speculative_generate`` over actors. ``max_rounds`` stops after that many rounds
     (fewer than ``max_new`` tokens may come back). ``samplers(round) -> (draft_sampler,
-    target_sampler)`` replaces the seeded ones (tests use it to enumerate every branch)."""
+    target_sampler)`` replaces the seeded ones (tests use it to enumerate every branch).
+    ``use_cache`` carries both models' KV caches across rounds (KVSession), as the actors
+    do with a session; False re-scores the whole prefix on both sides every round."""
     where = "speculative_decode"
     _check_run(max_new, k, mode, temperature, top_k, seed, max_rounds, where)
     seq = as_tokens(prompt, where, vocab=getattr(target_model, "vocab", None))
+    draft_kv = KVSession(draft_model) if use_cache else None
+    target_kv = KVSession(target_model) if use_cache else None
     base = secrets.randbits(63) if seed is None else seed
     stats = SpeculativeStats(k)
     out: list[int] = []
@@ -229,9 +244,9 @@ def speculative_decode(draft_model: Callable[..., Any], target_model: Callable[.
         else:
             ds, ts = TorchSampler(derive_seed(base, "draft", r)), TorchSampler(derive_seed(base, "target", r))
         drafted, q = draft_tokens(draft_model, seq, k_eff, mode=mode, temperature=temperature, top_k=top_k,
-                                  sampler=ds, eos=eos, use_cache=use_cache) if k_eff else ([], None)
+                                  sampler=ds, eos=eos, use_cache=use_cache, session=draft_kv) if k_eff else ([], None)
         v = verify_drafted(target_model, seq, drafted, q, mode=mode, temperature=temperature, top_k=top_k,
-                           sampler=ts)
+                           sampler=ts, session=target_kv)
         stats.add_round(len(drafted), v.accepted, len(v.tokens))
         done = _emit(out, v.tokens, eos, max_new)
         seq = seq + v.tokens
@@ -247,13 +262,20 @@ def speculative_decode(draft_model: Callable[..., Any], target_model: Callable[.
 async def speculative_generate(draft_ref: ActorRef, target_ref: ActorRef, prompt: Any, max_new: int, k: int, *,
                                mode: Mode = "greedy", temperature: float = 1.0, top_k: int | None = None,
                                seed: int | None = None, eos: int | None = None, max_rounds: int | None = None,
-                               timeout: float | None = None) -> SpeculativeResult:
+                               timeout: float | None = None, cache: bool = True) -> SpeculativeResult:
     """Speculative decoding over two actors: ``draft_ref`` a ``Decoder`` (its ``draft``
     handler) and ``target_ref`` a ``Verifier`` with the target model (its ``verify``
     handler). Each round is one ask to each (the draft is skipped when no token is left to
     draft). ``max_rounds`` as in ``speculative_decode``. ``timeout`` bounds the whole run
     (DeadlineExceeded); without it each ask has the system's default timeout. Greedy rounds
-    send no q rows."""
+    send no q rows.
+
+    ``cache=True`` opens a generation session on both actors (a fresh id per run, passed as
+    ``session=``): each keeps its KV cache across rounds, so the target scores only its last
+    emitted token and the k drafted ones per round, and both roll back to the accepted
+    length on rejection. The sessions are ended (``end_session``) when the run ends, however
+    it ends. ``cache=False`` re-scores the whole prefix on both sides every round. Both
+    give the same tokens for the same seed (up to floating-point ties)."""
     where = "speculative_generate"
     _check_run(max_new, k, mode, temperature, top_k, seed, max_rounds, where)
     seq = as_tokens(prompt, where)
@@ -262,6 +284,8 @@ async def speculative_generate(draft_ref: ActorRef, target_ref: ActorRef, prompt
     stats = SpeculativeStats(k)
     out: list[int] = []
     r = 0
+    sid = f"spec-{secrets.token_hex(8)}" if cache else None
+    opts: dict[str, Any] = {} if sid is None else {"session": sid}
 
     def left() -> float | None:
         if deadline is None:
@@ -271,24 +295,38 @@ async def speculative_generate(draft_ref: ActorRef, target_ref: ActorRef, prompt
             raise DeadlineExceeded(f"{where}: the run's timeout of {timeout} s passed after {len(out)} tokens")
         return remaining
 
-    while len(out) < max_new:
-        k_eff = min(k, max_new - len(out) - 1)
-        drafted: list[int] = []
-        q: Any = None
-        if k_eff:
-            proposal = await draft_ref.ask("draft", seq, k_eff, mode, temperature, top_k,
-                                           derive_seed(base, "draft", r), eos, mode == "sample", timeout=left())
-            drafted, q = list(proposal["tokens"]), proposal["q"]
-        v = await target_ref.ask("verify", seq, drafted, q, mode, temperature, top_k,
-                                 derive_seed(base, "target", r), timeout=left())
-        n, tokens = int(v["accepted"]), [int(t) for t in v["tokens"]]
-        stats.add_round(len(drafted), n, len(tokens))
-        done = _emit(out, tokens, eos, max_new)
-        seq = seq + tokens
-        r += 1
-        if done or r == max_rounds:
-            break
+    try:
+        while len(out) < max_new:
+            k_eff = min(k, max_new - len(out) - 1)
+            drafted: list[int] = []
+            q: Any = None
+            if k_eff:
+                proposal = await draft_ref.ask("draft", seq, k_eff, mode, temperature, top_k,
+                                               derive_seed(base, "draft", r), eos, mode == "sample", timeout=left(),
+                                               **opts)
+                drafted, q = list(proposal["tokens"]), proposal["q"]
+            v = await target_ref.ask("verify", seq, drafted, q, mode, temperature, top_k,
+                                     derive_seed(base, "target", r), timeout=left(), **opts)
+            n, tokens = int(v["accepted"]), [int(t) for t in v["tokens"]]
+            stats.add_round(len(drafted), n, len(tokens))
+            done = _emit(out, tokens, eos, max_new)
+            seq = seq + tokens
+            r += 1
+            if done or r == max_rounds:
+                break
+    finally:
+        if sid is not None:
+            await _end_sessions((draft_ref, target_ref), sid)
     return SpeculativeResult(out, stats)
+
+
+async def _end_sessions(refs: Sequence[ActorRef], sid: str) -> None:
+    """Tell each actor to drop the session (one way; a failure only leaves it to LRU eviction)."""
+    for ref in refs:
+        try:
+            await ref.tell("end_session", sid, timeout=1.0)
+        except Exception:  # noqa: BLE001 - best effort: the actor's LRU bound still holds
+            pass
 
 
 def expected_tokens_per_round(alpha: float, k: int) -> float:

@@ -10,16 +10,19 @@
 The committed CharLM weights (``f2.load_models()``). Prompts are cut from the validation
 split of the corpus (``pydoc_data.topics``). Measured in the same run, one prompt at a time:
 
-- speculative decoding (``cascada.stages.speculative_generate``), greedy and seeded sampling;
-- target-only decoding through the target actor alone: one ``verify(seq, [])`` per token
-  (the same actor, the same one-pass scoring of the whole prefix, no draft);
-- for reference, target-only decoding with the KV cache, by a target ``Decoder`` actor.
+- speculative decoding (``cascada.stages.speculative_generate``), greedy and seeded sampling,
+  with a generation session on both actors: each keeps its KV cache across rounds, so a
+  round runs the draft on the new positions only and the target on its last emitted token
+  plus the k drafted ones, in one pass; both roll back to the accepted length;
+- the baseline, target-only decoding with the KV cache: a target ``Decoder`` actor
+  (``complete``, one ask per prompt), the fair reference for a cached speculative run.
 
 Reported: tokens/s of each and the speedup, acceptance per drafted position, the speedup
-predicted from the acceptance rate alpha and the draft/target cost ratio c measured through
-the same actors, (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1)), and a check that greedy
-speculative output is token for token the target-only greedy output (a mismatch fails the
-run: :class:`GreedyMismatch`).
+predicted from the acceptance rate alpha and the cost ratio c of one cached draft step to
+one cached target step, both measured through the actors' own processes,
+(1 - alpha^(k+1)) / ((1 - alpha)(k c + 1)), and a check that greedy speculative output is
+token for token the target-only greedy output (a mismatch fails the run:
+:class:`GreedyMismatch`).
 """
 
 from __future__ import annotations
@@ -77,25 +80,24 @@ def prompts(n: int, length: int = PROMPT_LEN, seed: int = 0) -> list[list[int]]:
     return out
 
 
-async def _target_only(target: ActorRef, prompt: list[int], max_new: int, mode: str, seed: int) -> list[int]:
-    """Target-only decoding through the target Verifier actor: one verify(seq, []) per token."""
-    from ..stages import derive_seed
-
-    seq, out = list(prompt), []
-    for r in range(max_new):
-        v = await target.ask("verify", seq, [], None, mode, TEMPERATURE, None, derive_seed(seed, "target", r))
-        tok = int(v["tokens"][0])
-        out.append(tok)
-        seq.append(tok)
-    return out
-
-
-async def _mean_s(fn: Any, repeats: int) -> float:
+async def _median_s(fn: Any, repeats: int) -> float:
     await fn()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(repeats):
+        t0 = time.perf_counter()
         await fn()
-    return (time.perf_counter() - t0) / repeats
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+async def step_ms(decoder: ActorRef, prompt: list[int], steps: int = 32, repeats: int = 7) -> float:
+    """One cached decoding step of ``decoder`` (a Decoder actor), in ms: the time of
+    ``complete(prompt, steps + 1)`` less that of ``complete(prompt, 1)``, over ``steps``
+    (the prompt's prefill and the actor hop cancel), medians of ``repeats``."""
+    long = await _median_s(lambda: decoder.ask("complete", prompt, steps + 1), repeats)
+    short = await _median_s(lambda: decoder.ask("complete", prompt, 1), repeats)
+    return max(long - short, 1e-9) / steps * 1e3
 
 
 def predicted_speedup(alpha: float, k: int, c: float) -> float:
@@ -106,7 +108,7 @@ def predicted_speedup(alpha: float, k: int, c: float) -> float:
 
 
 async def run_async(n_prompts: int | None = None, *, max_new: int = MAX_NEW, k: int = K,
-                    progress: bool = True, kv_baseline: bool = True) -> dict[str, Any]:
+                    progress: bool = True) -> dict[str, Any]:
     """Run F2 through real actor processes; return the figures. Raises GreedyMismatch when
     greedy speculative output differs from target-only greedy output."""
     from ..stages import Decoder, SpeculativeStats, Verifier, speculative_generate
@@ -123,25 +125,24 @@ async def run_async(n_prompts: int | None = None, *, max_new: int = MAX_NEW, k: 
                                    placement="process")
         target = await system.spawn(Verifier, factory=functools.partial(lm_model, "target"), threads=1,
                                     name="target", placement="process")
-        kv: ActorRef | None = None
-        if kv_baseline:
-            kv = await system.spawn(Decoder, factory=functools.partial(lm_model, "target"), threads=1,
-                                    name="target-kv", placement="process")
+        kv = await system.spawn(Decoder, factory=functools.partial(lm_model, "target"), threads=1,
+                                name="target-kv", placement="process")
         startup = time.perf_counter() - t_start
 
-        # The draft/target cost ratio c, measured through the same actors on a typical prefix.
+        # The cost ratio c: one cached draft step over one cached target step, each measured
+        # in its own actor process on a typical prefix.
         probe = ps[0] + ps[0][: max_new // 2]
-        t_draft = await _mean_s(lambda: draft.ask("draft", probe, k), 10) / k
-        t_target = await _mean_s(lambda: target.ask("verify", probe, []), 10)
+        t_draft = await step_ms(draft, probe)
+        t_target = await step_ms(kv, probe)
         c = t_draft / t_target
 
         runs: dict[str, dict[str, Any]] = {}
         greedy_outputs: dict[str, list[list[int]]] = {"spec": [], "target": []}
-        bar = rc.Progress("decoding", 2 * n * (3 if kv_baseline else 2), enabled=progress)
+        bar = rc.Progress("decoding", 2 * n * 2, enabled=progress)
         for mode in ("greedy", "sample"):
             stats = SpeculativeStats(k)
-            spec_tokens = target_tokens = kv_tokens = 0
-            spec_s = target_s = kv_s = 0.0
+            spec_tokens = kv_tokens = 0
+            spec_s = kv_s = 0.0
             for i, p in enumerate(ps):
                 seed = 1000 + i
                 t0 = time.perf_counter()
@@ -158,19 +159,10 @@ async def run_async(n_prompts: int | None = None, *, max_new: int = MAX_NEW, k: 
                 stats.emitted += res.stats.emitted
                 bar.advance()
                 t0 = time.perf_counter()
-                ref = await _target_only(target, p, max_new, mode, seed)
-                target_s += time.perf_counter() - t0
-                target_tokens += len(ref)
+                ref = list(await kv.ask("complete", p, max_new, mode, TEMPERATURE, None, seed))
+                kv_s += time.perf_counter() - t0
+                kv_tokens += len(ref)
                 bar.advance()
-                if kv is not None:
-                    t0 = time.perf_counter()
-                    kv_out = await kv.ask("complete", p, max_new, mode, TEMPERATURE, None, seed)
-                    kv_s += time.perf_counter() - t0
-                    kv_tokens += len(kv_out)
-                    bar.advance()
-                    if mode == "greedy" and list(kv_out) != ref:
-                        raise GreedyMismatch(f"prompt {i}: target-only greedy differs between the Verifier and "
-                                             "the KV-cache Decoder")
                 if mode == "greedy":
                     greedy_outputs["spec"].append(res.tokens)
                     greedy_outputs["target"].append(ref)
@@ -178,32 +170,33 @@ async def run_async(n_prompts: int | None = None, *, max_new: int = MAX_NEW, k: 
             # earlier one was (accepted / offered), not accepted / drafted.
             offered = sum(stats.offered_at)
             alpha = sum(stats.accepted_at) / offered if offered else 0.0
-            figures = {
+            spec_rate, kv_rate = spec_tokens / spec_s, kv_tokens / kv_s
+            runs[mode] = {
                 "tokens": spec_tokens, "rounds": stats.rounds, "alpha": round(alpha, 4),
                 "accepted_per_drafted": round(stats.acceptance_rate, 4),
                 "position_rates": [None if r is None else round(r, 4) for r in stats.position_rates],
                 "offered_at": list(stats.offered_at), "accepted_at": list(stats.accepted_at),
                 "tokens_per_round": round(stats.tokens_per_round, 3),
-                "spec_tokens_per_s": round(spec_tokens / spec_s, 1),
-                "target_only_tokens_per_s": round(target_tokens / target_s, 1),
-                "speedup": round((spec_tokens / spec_s) / (target_tokens / target_s), 3),
+                "spec_tokens_per_s": round(spec_rate, 1),
+                "target_only_tokens_per_s": round(kv_rate, 1),
+                "speedup": round(spec_rate / kv_rate, 3),
                 "predicted_speedup": round(predicted_speedup(alpha, k, c), 3),
+                "spec_ms_per_round": round(spec_s / max(stats.rounds, 1) * 1e3, 3),
             }
-            if kv is not None:
-                figures["target_kv_tokens_per_s"] = round(kv_tokens / kv_s, 1)
-                figures["speedup_vs_kv"] = round((spec_tokens / spec_s) / (kv_tokens / kv_s), 3)
-            runs[mode] = figures
-        refs = [draft, target] + ([kv] if kv is not None else [])
-        roles = {"draft": "Decoder: 1 layer, d=64 (drafts k tokens)",
-                 "target": "Verifier: 4 layers, d=128 (verifies; target-only)",
-                 "target-kv": "Decoder: the target with its KV cache (reference)"}
+        target_stats = await target.ask("stats")
+        refs = [draft, target, kv]
+        roles = {"draft": "Decoder: 1 layer, d=64 (drafts k tokens, KV session)",
+                 "target": "Verifier: 4 layers, d=128 (verifies, KV session)",
+                 "target-kv": "Decoder: the target with its KV cache (target-only baseline)"}
         actors = await rc.actor_figures(system, refs, roles)
 
     mismatches = [i for i, (a, b) in enumerate(zip(greedy_outputs["spec"], greedy_outputs["target"])) if a != b]
     figures_all: dict[str, Any] = {
         "workload": "f2 spec-decode", "prompts": n, "prompt_len": len(ps[0]), "max_new": max_new, "k": k,
-        "temperature": TEMPERATURE, "cost_ratio_c": round(c, 4), "draft_ms_per_token": round(t_draft * 1e3, 3),
-        "target_ms_per_call": round(t_target * 1e3, 3), "greedy": runs["greedy"], "sample": runs["sample"],
+        "temperature": TEMPERATURE, "baseline": "target Decoder with KV cache",
+        "cost_ratio_c": round(c, 4), "draft_ms_per_step": round(t_draft, 4),
+        "target_ms_per_step": round(t_target, 4), "greedy": runs["greedy"], "sample": runs["sample"],
+        "target_sessions": {key: target_stats.get(key) for key in ("sessions", "opened", "evicted")},
         "greedy_identical": not mismatches, "greedy_mismatched_prompts": mismatches,
         "example": {"prompt": tok.decode(ps[0]), "greedy": tok.decode(greedy_outputs["spec"][0])},
         "actors": actors, "driver_pid": os.getpid(),
@@ -227,17 +220,16 @@ def render(f: dict[str, Any]) -> str:
         r = f[mode]
         rows.append([mode, r["spec_tokens_per_s"], r["target_only_tokens_per_s"], f"{r['speedup']:.2f}x",
                      f"{r['predicted_speedup']:.2f}x", r["alpha"], r["tokens_per_round"],
-                     " ".join("-" if x is None else f"{x:.2f}" for x in r["position_rates"]),
-                     r.get("target_kv_tokens_per_s", "-"),
-                     "-" if "speedup_vs_kv" not in r else f"{r['speedup_vs_kv']:.2f}x"])
-    lines += rc.render_rows(rows, header=["mode", "spec tok/s", "target tok/s", "speedup", "predicted", "alpha",
-                                          "tok/round", "alpha per position", "KV tok/s", "vs KV"])
+                     " ".join("-" if x is None else f"{x:.2f}" for x in r["position_rates"])])
+    lines += rc.render_rows(rows, header=["mode", "spec tok/s", "target-only tok/s", "speedup", "predicted",
+                                          "alpha", "tok/round", "alpha per position"])
     lines += ["",
-              f"  cost ratio c = draft ms per token / target ms per call = {f['draft_ms_per_token']:.2f} / "
-              f"{f['target_ms_per_call']:.2f} = {f['cost_ratio_c']:.3f} (through the actors, hops included)",
-              "  predicted = (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1)); alpha = accepted / offered drafted tokens",
-              "  target tok/s: one verify(seq, []) per token on the target actor; KV tok/s: a target Decoder "
-              "with its KV cache (reference:\n  the Verifier re-scores the whole prefix every round, so a KV-cached target can beat it)",
+              f"  target-only: a target Decoder with its KV cache (one ask per prompt); speculative: both actors "
+              f"keep\n  their KV caches across rounds (a session each), the target scores 1 + k positions a round",
+              f"  cost ratio c = cached draft step / cached target step = {f['draft_ms_per_step']:.3f} / "
+              f"{f['target_ms_per_step']:.3f} ms = {f['cost_ratio_c']:.3f} (in the actors' processes)",
+              "  predicted = (1 - alpha^(k+1)) / ((1 - alpha)(k c + 1)); alpha = accepted / offered drafted tokens "
+              "(actor hops not counted)",
               f"  greedy speculative output identical to target-only greedy: "
               f"{'yes' if f['greedy_identical'] else 'NO'} ({f['prompts']} prompts)",
               f"  example: {f['example']['prompt']!r} -> {f['example']['greedy']!r}",
