@@ -330,6 +330,9 @@ class ActorCell:
             self._parked = False
             self._current = self.node.tasks.spawn(self._finish(msg, result), name=f"{self.name}.{msg.method}",
                                                   context=self._ctx)
+            # Killed before that task's first step: _finish never runs, so answer from here.
+            self._current.add_done_callback(lambda t, m=msg: self._crashed_under(m) if t.cancelled() and not m.done
+                                            else None)
             return True
         self.stats.handled += 1
         if msg.reply is not None:

@@ -623,6 +623,11 @@ class ActorSystem:
         if child_proc is None:
             cell = node.cells.get(name)
             if cell is not None:
+                if not final:
+                    # Until it is started again, calls fail with ActorDied (which at-least-once
+                    # calls retry), not ActorNotFound.
+                    node.tombstones[name] = ActorDied(
+                        f"actor {name!r} was stopped by its supervisor to be restarted", actor=name)
                 await cell.stop()
             return
         child_proc.stopping = True

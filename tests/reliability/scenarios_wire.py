@@ -63,6 +63,7 @@ from cascada.transport._tensors import EXT_TENSOR, ITEMSIZE
 from cascada.transport._wire import BATCH_MARKER, DEFAULT_MAX_HEADER_BYTES
 from reliability.actors import Bystander, Sink
 from reliability.chaos_proxy import ChaosProxy, Schedule
+from reliability.scenarios import _finish as finish_outcome
 from reliability.harness import (
     History,
     Nemesis,
@@ -88,17 +89,7 @@ REPLY_WAIT_S = 5.0
 
 
 def _finish(out: Outcome, before: Resources | None, hist: History | None = None) -> Outcome:
-    rec = out.record
-    if hist is not None:
-        rec["errors"] = hist.errors()
-        out.expect(rec["errors"]["untyped"] == 0, f"untyped errors: {rec['errors']['untyped']}")
-        out.expect(rec["errors"]["hangs"] == 0, f"calls hung: {rec['errors']['hangs']}")
-    if before is not None:
-        leaks = leaks_since(before)
-        rec["leaks_after"] = leaks
-        out.expect(not any(leaks[k] for k in ("processes", "fds", "shm_segments", "ipc_files")),
-                   f"left behind: {leaks['detail']}")
-    return out.finish()
+    return finish_outcome(out, hist, before)
 
 
 def ask_frame(corr: int, method: str = "ping", args: list[Any] | None = None, *, target: str | None = "victim",
