@@ -37,3 +37,19 @@ def system_kwargs(placement: str) -> dict[str, Any]:
 
 def spawn_placement(placement: str) -> cascada.Placement:
     return "local" if placement == "local" else "process"
+
+
+def noisy_copy(model: Any, scale: float, seed: int) -> Any:
+    """A float64 TinyCausalLM that mostly agrees with ``model``: its weights plus noise (a
+    draft for the speculative-decoding tests)."""
+    import torch
+
+    from cascada.stages import tiny_lm
+
+    out = tiny_lm(model.vocab, model.d, len(model.blocks), model.blocks[0].heads, model.max_len, dtype="float64")
+    out.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return out

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import cascada
+from support import noisy_copy
 from cascada.stages import (
     Decoder,
     TinyCausalLM,
@@ -34,16 +35,6 @@ torch.set_num_threads(1)
 V = 32
 make_target = functools.partial(tiny_lm, V, 32, 2, 4, 128, seed=1, dtype="float64")
 make_draft = functools.partial(tiny_lm, V, 16, 1, 2, 128, seed=2, dtype="float64")
-
-
-def noisy_copy(model: TinyCausalLM, scale: float, seed: int) -> TinyCausalLM:
-    out = tiny_lm(model.vocab, model.d, len(model.blocks), model.blocks[0].heads, model.max_len, dtype="float64")
-    out.load_state_dict(model.state_dict())
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in out.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
-    return out
 
 
 def make_close_draft() -> TinyCausalLM:
