@@ -884,11 +884,20 @@ class Peer:
         queued for it, so none of it reaches a later incarnation bound to the same address."""
         if not self.sock.closed and self.dead is not None:
             self.node.stats.dropped_connections += 1
-            self.sock.close()
-            self._mon.close()
+            self._close_sockets()
 
     def close(self, exc: BaseException) -> None:
         self._fail_all(exc)
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        # Monitoring off first: a monitor event libzmq emits for a socket whose monitor PAIR
+        # is already gone blocks its I/O thread for good (libzmq #3575), wedging the context.
+        if not self.sock.closed:
+            try:
+                self.sock.sock.disable_monitor()
+            except zmq.ZMQError:
+                pass
         self.sock.close()
         self._mon.close()
 

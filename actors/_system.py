@@ -689,34 +689,46 @@ class ActorSystem:
         await self._restart(sup, name)
 
     async def _restart(self, sup: SupervisorState, name: str) -> None:
+        """Restart name (and whom the strategy says) until it starts, or the intensity is
+        spent and the supervisor escalates. A loop, not recursion: a child that fails every
+        start must neither grow the stack nor hold the event loop between attempts."""
         lock = self._sup_locks.setdefault(sup.name, asyncio.Lock())
-        failed_start: str | None = None
-        async with lock:
-            if self._closing or sup.failed is not None or name not in self._specs or self._is_up(name):
-                return
-            err = sup.note_restart(name)
-            if err is not None:
-                await self._escalate(sup, err)
-                return
-            affected = sup.affected(name)
-            for other in reversed(affected):
-                if other != name and self._is_up(other):
-                    sup.event("stop", other, reason=f"{sup.strategy}: {name!r} failed")
-                    await self._terminate(other, final=False)
-            for child in affected:
-                if self._closing:
+        failed: str | None = name
+        while failed is not None:
+            name, failed = failed, None
+            async with lock:
+                if self._closing or sup.failed is not None or name not in self._specs or self._is_up(name):
                     return
-                try:
-                    await self._start_again(child)
-                except (CascadaError, OSError) as exc:
-                    sup.event("start_failed", child, error=str(exc).splitlines()[0])
-                    failed_start = child
-                    break
-                ref = self._refs.get(child)
-                sup.event("restart", child, pid=None if ref is None else ref.pid,
-                          incarnation=None if ref is None else ref.incarnation)
-        if failed_start is not None:
-            await self._restart(sup, failed_start)  # a failed start counts against the intensity too
+                err = sup.note_restart(name)
+                if err is not None:
+                    await self._escalate(sup, err)
+                    return
+                affected = sup.affected(name)
+                for other in reversed(affected):
+                    if other != name and self._is_up(other):
+                        sup.event("stop", other, reason=f"{sup.strategy}: {name!r} failed")
+                        await self._terminate(other, final=False)
+                for child in affected:
+                    if self._closing:
+                        return
+                    spec = self._specs.get(child)
+                    if child != name and spec is not None and spec.restart == "temporary":
+                        # OTP: a temporary child stopped on the way is removed, not restarted.
+                        self.node.tombstones[child] = ActorDied(
+                            f"actor {child!r} is temporary and was stopped by its supervisor "
+                            f"({sup.strategy} after {name!r} failed); it was not restarted", actor=child)
+                        self._forget(child)
+                        continue
+                    try:
+                        await self._start_again(child)
+                    except (CascadaError, OSError) as exc:
+                        sup.event("start_failed", child, error=str(exc).splitlines()[0])
+                        failed = child  # counts against the intensity too
+                        break
+                    ref = self._refs.get(child)
+                    sup.event("restart", child, pid=None if ref is None else ref.pid,
+                              incarnation=None if ref is None else ref.incarnation)
+            await asyncio.sleep(0)  # let the loop run between attempts
 
     async def _start_again(self, name: str) -> None:
         node = self.node
