@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import cascada  # noqa: E402
 from reliability import scenarios as S  # noqa: E402
+from reliability import scenarios_sup as SUP  # noqa: E402
 from reliability import scenarios_wire as W  # noqa: E402
 from reliability.harness import jsonable, new_record  # noqa: E402
 
@@ -80,6 +81,33 @@ def runs(soak: bool) -> list[Run]:
     out.append(("R21", "unreferenced frames", W.r21_multipart_total_bytes, 60))
     out.append(("R22", "hostile envelopes", W.r22_hostile_envelopes, 60))
     out.append(("R22", "descriptor property", partial(W.r22_descriptor_property, max_examples=1000 if soak else 150), 300))
+    # Supervision and liveness (reliability/scenarios_sup.py), heartbeats at H=0.1 s x L=10;
+    # the pytest xfails (strict ones are known runtime bugs) are reported here as they are.
+    for n in (1, 10, 100):
+        out.append(("R01", f"in_flight={n}, one_for_one restart", partial(SUP.r01_kill9_with_restart, n), 60))
+    for placement in ("local", "process"):
+        out.append(("R03", f"crash loop, {placement}", partial(SUP.r03_crash_loop, placement), 60))
+    out.append(("R03", "shutdown during the loop, process", partial(SUP.r03_shutdown_during_loop, "process"), 60))
+    out.append(("R03", "shutdown during the loop, local",
+                partial(SUP.r03_shutdown_during_loop, "local", delay=0.002), 60))
+    out.append(("R03", "intensity 1500, local", partial(SUP.r03_high_intensity, "local"), 60))
+    if soak:
+        out.append(("R03", "intensity 1100, process", partial(SUP.r03_high_intensity, "process", intensity=1100), 300))
+    out.append(("R04", "strategy x restart type x exit kind", SUP.r04_matrix, 180))
+    for strategy in ("one_for_all", "rest_for_one"):
+        out.append(("R04", f"{strategy}, temporary sibling", partial(SUP.r04_temporary_sibling, strategy), 60))
+    out.append(("R07", "SIGSTOP 5*H*L, SIGCONT after the replacement", SUP.r07_sigstop, 60))
+    out.append(("R07", "SIGSTOP H*L/3, SIGCONT before the timeout", partial(SUP.r07_sigstop, early_cont=True), 60))
+    fp_s = 60.0 if soak else 10.0
+    for interval, liveness in ((None, None), (0.1, 10), (0.1, 3)):  # None: ActorSystem's defaults
+        out.append(("R07", f"false positives under load, H={interval} x L={liveness}, {fp_s:g}s",
+                    partial(SUP.r07_false_positives, fp_s, interval=interval, liveness=liveness), fp_s + 120))
+    out.append(("R08", "time.sleep(10), heartbeats on", SUP.r08_blocked_loop, 60))
+    out.append(("R08", "time.sleep(10), heartbeats off", partial(SUP.r08_blocked_loop, heartbeats=False), 60))
+    for transport in ("ipc", "tcp"):
+        out.append(("R13", f"10 restarts, {transport}", partial(SUP.r13_restarts_same_endpoint, transport), 120))
+        out.append(("R13", f"dropping reconnecting peers, {transport}",
+                    partial(SUP.r13_dropping_reconnecting_peers, transport), 60))
     return out
 
 
