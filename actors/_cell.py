@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import sys
 import time
 from collections import OrderedDict, deque
@@ -293,6 +294,10 @@ class ActorCell:
             answer.waiting.append(msg.reply)
         return True
 
+    def _killed_before_start(self, msg: Message, task: asyncio.Task[None]) -> None:
+        if task.cancelled() and not msg.done:
+            self._crashed_under(msg)
+
     def _crashed_under(self, msg: Message) -> None:
         if self.crashed is not None and msg.reply is not None:
             msg.reply.fail(self.crashed, "died")
@@ -331,8 +336,7 @@ class ActorCell:
             self._current = self.node.tasks.spawn(self._finish(msg, result), name=f"{self.name}.{msg.method}",
                                                   context=self._ctx)
             # Killed before that task's first step: _finish never runs, so answer from here.
-            self._current.add_done_callback(lambda t, m=msg: self._crashed_under(m) if t.cancelled() and not m.done
-                                            else None)
+            self._current.add_done_callback(functools.partial(self._killed_before_start, msg))
             return True
         self.stats.handled += 1
         if msg.reply is not None:
