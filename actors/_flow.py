@@ -21,9 +21,9 @@ Names to export from ``cascada`` (one line each):
     BudgetExhausted     a cascade could not escalate (on_exhausted="error")
     RoundLimitExceeded  a loop hit max_rounds (on_limit="error")
     InvalidDecision     a router/split/verifier answered something the flow cannot act on
-    flow_error          the typed FlowError inside a RemoteError from a flow (or None)
-    ask_flow            ref.ask that raises the typed FlowError instead of RemoteError
-    stream_flow         ref.stream that raises the typed FlowError instead of RemoteError
+    flow_error          the FlowError an error is or carries (or None)
+    ask_flow            ref.ask (kept: flow errors now cross processes typed)
+    stream_flow         ref.stream (kept: likewise)
     build_topology      (cascada/_topology.py) spawn a whole flow graph from a dict or TOML file
     load_topology       (cascada/_topology.py) read and check a topology without spawning
     Topology            (cascada/_topology.py) what build_topology returns: top ref, refs by name
@@ -72,10 +72,9 @@ __all__ = [
 
 async def ask_flow(ref: ActorRef, item: Any, /, *args: Any, method: str = "run", timeout: float | None = None,
                    **kwargs: Any) -> Any:
-    """``ref.ask(method, item, ...)`` that raises a flow's error as its own type.
-
-    A StageFailed (or any FlowError) from the flow, in whatever process it runs, is raised
-    as that type with its full path, instead of the RemoteError the runtime hands over."""
+    """``ref.ask(method, item, ...)``, kept for code written before errors crossed processes
+    typed: a flow's error (StageFailed or any FlowError) is raised as its own type, with its
+    full path, by a plain ``ref.ask`` too."""
     try:
         return await ref.ask(method, item, *args, timeout=timeout, **kwargs)
     except RemoteError as exc:
@@ -87,7 +86,7 @@ async def ask_flow(ref: ActorRef, item: Any, /, *args: Any, method: str = "run",
 
 async def stream_flow(ref: ActorRef, item: Any, /, *args: Any, method: str = "stream", timeout: float | None = None,
                       **kwargs: Any) -> AsyncIterator[Any]:
-    """``ref.stream(method, item, ...)`` that raises a flow's error as its own type."""
+    """``ref.stream(method, item, ...)``; like :func:`ask_flow`, kept for older code."""
     try:
         async with closing(ref.stream(method, item, *args, timeout=timeout, **kwargs)) as items:
             async for x in items:

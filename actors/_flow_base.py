@@ -289,17 +289,18 @@ class Flow(Actor):
         """What a step's failure becomes one level up: the same flow error with this hop
         prepended, or a StageFailed naming this hop and the stage."""
         hop = self._hop(label)
-        inner = flow_error(exc, wire=True)
+        inner = flow_error(exc)
+        target = self.ref if step.is_self else step.target
         if inner is not None:
-            if isinstance(exc, FlowError) and inner.path and inner.path[0].startswith(f"{self.name}["):
+            if (not isinstance(target, ActorRef) and inner.path
+                    and inner.path[0].startswith(f"{self.name}[")):
                 return inner  # made in this flow already (a local callable re-raising it)
-            return inner.copy(hop=hop, wire=True)
+            return inner.copy(hop=hop)
         if isinstance(exc, RemoteError):
             where = f"{exc.actor}.{exc.method}" if exc.actor else step.describe()
             return StageFailed(f"{exc.remote_type}: {exc.remote_message}", path=(hop, where),
                                remote_type=exc.remote_type, remote_message=exc.remote_message,
                                remote_traceback=exc.remote_traceback, actor=exc.actor, method=exc.method)
-        target = self.ref if step.is_self else step.target
         if isinstance(exc, CascadaError) and isinstance(target, ActorRef):
             # The stage died, was not there, or the call could not be made.
             name = f"cascada.{type(exc).__name__}"

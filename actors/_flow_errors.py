@@ -22,18 +22,14 @@ down to what failed: ``"flow[step]"`` for each flow level, then ``"actor.method"
 stage) or ``"function()"`` (a local callable step). For example a stage failing two flows
 down reads ``("top[classify] > mid[expert] > leaf.infer")`` when joined with ``" > "``.
 
-**Crossing processes.** The runtime sends a failed handler's exception as its type name,
-``str()`` and traceback, and the caller gets a ``RemoteError``. A flow error raised inside a
-flow appends one line to its text, ``[cascada-flow-error {json}]``, holding its fields; the
-flow one level up (or :func:`flow_error` at the top) reads them back and re-raises the same
-type with its own hop prepended, so the top sees one error with the full path, not a chain
-of wrappers. Errors built that way (by ``flow_error``, ``ask_flow`` or ``stream_flow``) print
-without that line.
+**Crossing processes.** Flow errors are CascadaErrors, so the runtime sends their fields
+with them and the caller gets the same type back, in any process (see
+``actors._portable_errors``). A flow one level up re-raises a stage's flow error with its own
+hop prepended, so the top sees one error with the full path, not a chain of wrappers.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any, ClassVar
 
 from ._errors import CascadaError, RemoteError
@@ -49,9 +45,6 @@ __all__ = [
     "type_name",
 ]
 
-_MARK = "\n[cascada-flow-error "
-
-
 def type_name(t: type) -> str:
     """The name the runtime gives an exception type on the wire (``ValueError``,
     ``pkg.mod.MyError``)."""
@@ -65,10 +58,9 @@ class FlowError(CascadaError):
 
     _fields: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, detail: str, *, path: tuple[str, ...] | list[str] = (), wire: bool = True) -> None:
+    def __init__(self, detail: str, *, path: tuple[str, ...] | list[str] = ()) -> None:
         self.detail = detail
         self.path: tuple[str, ...] = tuple(path)
-        self._wire = wire
         super().__init__(detail)
 
     @property
@@ -88,20 +80,25 @@ class FlowError(CascadaError):
         return {name: getattr(self, name) for name in self._fields}
 
     def __str__(self) -> str:
-        text = f"{self.where}: {self.detail}" if self.path else self.detail
-        if self._wire:
-            record = {"type": type(self).__name__, "detail": self.detail, "path": list(self.path), **self.fields()}
-            text += _MARK + json.dumps(record, separators=(",", ":"), default=str) + "]"
-        return text
+        return f"{self.where}: {self.detail}" if self.path else self.detail
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self).__name__, self.detail, list(self.path), self.fields(), self._wire))
+        return (_build, (type(self).__name__, self.detail, list(self.path), self.fields()))
 
-    def copy(self, *, hop: str | None = None, wire: bool | None = None) -> FlowError:
-        """The same error, with ``hop`` prepended to its path (one level up) and the wire line
-        on or off (None: as it is)."""
+    def __cascada_fields__(self) -> dict[str, Any]:
+        return {"detail": self.detail, "path": list(self.path), **self.fields()}
+
+    @classmethod
+    def __cascada_rebuild__(cls, args: list[Any], fields: dict[str, Any]) -> FlowError:
+        detail, path = fields.pop("detail"), fields.pop("path")
+        if type(detail) is not str or type(path) not in (list, tuple) or not all(type(p) is str for p in path):
+            raise TypeError("a flow error needs a str detail and a path of str")
+        return _build(cls.__name__, detail, list(path), {name: fields[name] for name in cls._fields})
+
+    def copy(self, *, hop: str | None = None) -> FlowError:
+        """The same error, with ``hop`` prepended to its path (one level up)."""
         path = list(self.path) if hop is None else [hop, *self.path]
-        return _build(type(self).__name__, self.detail, path, self.fields(), self._wire if wire is None else wire)
+        return _build(type(self).__name__, self.detail, path, self.fields())
 
 
 class StageFailed(FlowError):
@@ -116,13 +113,13 @@ class StageFailed(FlowError):
 
     def __init__(self, detail: str, *, path: tuple[str, ...] | list[str] = (), remote_type: str,
                  remote_message: str, remote_traceback: str | None = None, actor: str | None = None,
-                 method: str | None = None, wire: bool = True) -> None:
+                 method: str | None = None) -> None:
         self.remote_type = remote_type
         self.remote_message = remote_message
         self.remote_traceback = remote_traceback
         self.actor = actor
         self.method = method
-        super().__init__(detail, path=path, wire=wire)
+        super().__init__(detail, path=path)
 
 
 class FlowDepthExceeded(FlowError):
@@ -133,11 +130,11 @@ class FlowDepthExceeded(FlowError):
     _fields = ("name", "depth", "max_depth")
 
     def __init__(self, detail: str, *, path: tuple[str, ...] | list[str] = (), name: str, depth: int,
-                 max_depth: int, wire: bool = True) -> None:
+                 max_depth: int) -> None:
         self.name = name
         self.depth = depth
         self.max_depth = max_depth
-        super().__init__(detail, path=path, wire=wire)
+        super().__init__(detail, path=path)
 
 
 class BudgetExhausted(FlowError):
@@ -148,13 +145,13 @@ class BudgetExhausted(FlowError):
     _fields = ("tier", "escalations", "spent", "budget", "reason")
 
     def __init__(self, detail: str, *, path: tuple[str, ...] | list[str] = (), tier: int, escalations: int,
-                 spent: float, budget: float | None, reason: str, wire: bool = True) -> None:
+                 spent: float, budget: float | None, reason: str) -> None:
         self.tier = tier
         self.escalations = escalations
         self.spent = spent
         self.budget = budget
         self.reason = reason
-        super().__init__(detail, path=path, wire=wire)
+        super().__init__(detail, path=path)
 
 
 class RoundLimitExceeded(FlowError):
@@ -162,10 +159,9 @@ class RoundLimitExceeded(FlowError):
 
     _fields = ("rounds",)
 
-    def __init__(self, detail: str, *, path: tuple[str, ...] | list[str] = (), rounds: int,
-                 wire: bool = True) -> None:
+    def __init__(self, detail: str, *, path: tuple[str, ...] | list[str] = (), rounds: int) -> None:
         self.rounds = rounds
-        super().__init__(detail, path=path, wire=wire)
+        super().__init__(detail, path=path)
 
 
 class InvalidDecision(FlowError):
@@ -175,73 +171,41 @@ class InvalidDecision(FlowError):
 
     _fields = ("answer",)
 
-    def __init__(self, detail: str, *, path: tuple[str, ...] | list[str] = (), answer: str = "",
-                 wire: bool = True) -> None:
+    def __init__(self, detail: str, *, path: tuple[str, ...] | list[str] = (), answer: str = "") -> None:
         self.answer = answer
-        super().__init__(detail, path=path, wire=wire)
+        super().__init__(detail, path=path)
 
 
 _TYPES: dict[str, type[FlowError]] = {
     t.__name__: t for t in (FlowError, StageFailed, FlowDepthExceeded, BudgetExhausted, RoundLimitExceeded,
                             InvalidDecision)
 }
-_WIRE_NAMES = frozenset(type_name(t) for t in _TYPES.values())
 
 
-def _build(kind: str, detail: str, path: list[str], fields: dict[str, Any], wire: bool) -> FlowError:
+def _build(kind: str, detail: str, path: list[str], fields: dict[str, Any]) -> FlowError:
     cls = _TYPES[kind]
     if cls is FlowError:
-        return FlowError(detail, path=path, wire=wire)
-    return cls(detail, path=path, wire=wire, **fields)
+        return FlowError(detail, path=path)
+    return cls(detail, path=path, **fields)
 
 
-def _rebuild(kind: str, detail: str, path: list[str], fields: dict[str, Any], wire: bool) -> FlowError:
-    return _build(kind, detail, path, fields, wire)
+def flow_error(exc: BaseException) -> FlowError | None:
+    """The flow error ``exc`` is or carries, or None.
 
-
-def _parse(message: str) -> FlowError | None:
-    at = message.rfind(_MARK)
-    if at < 0 or not message.endswith("]"):
-        return None
-    try:
-        record = json.loads(message[at + len(_MARK):-1])
-        kind = record.pop("type")
-        detail = record.pop("detail")
-        path = record.pop("path")
-        cls = _TYPES[kind]
-        fields = {name: record[name] for name in cls._fields}
-        if not (isinstance(detail, str) and isinstance(path, list) and all(isinstance(p, str) for p in path)):
-            return None
-        return _build(kind, detail, path, fields, True)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def flow_error(exc: BaseException, *, wire: bool = False) -> FlowError | None:
-    """The flow error inside ``exc``, or None.
-
-    ``exc`` is what a call to a flow raised: a FlowError itself, or the RemoteError the
-    runtime made of one (from a flow in another process, or a local one). Returns the typed
-    error with every field and the full path. Use it around a plain ``ref.ask`` to a flow::
+    A call to a flow raises its FlowError as itself, in any process; this also finds one
+    kept as the ``__cause__`` of another error, and so reads the same for every caller::
 
         try:
             await flow.ask("run", x)
-        except cascada.RemoteError as exc:
+        except cascada.CascadaError as exc:
             err = cascada.flow_error(exc)
             if err is None:
                 raise
             print(err.path, err)     # e.g. StageFailed with path top[mid] > mid[e1] > e1.infer
     """
     if isinstance(exc, FlowError):
-        return exc if exc._wire == wire else exc.copy(wire=wire)
-    if not isinstance(exc, RemoteError):
-        return None
+        return exc
     cause = exc.__cause__
-    if isinstance(cause, FlowError):  # a local actor: the runtime kept the original
-        return cause.copy(wire=wire)
-    if exc.remote_type not in _WIRE_NAMES:
-        return None
-    parsed = _parse(exc.remote_message)
-    if parsed is None:
-        return None
-    return parsed if wire else parsed.copy(wire=False)
+    if isinstance(exc, RemoteError) and isinstance(cause, FlowError):
+        return cause
+    return None

@@ -461,7 +461,7 @@ class FanOut(Flow):
             return
         if self.on_error == "raise":
             raise exc
-        part.status, part.error = "error", str(exc).split("\n[cascada-flow-error ", 1)[0][:500]
+        part.status, part.error = "error", str(exc)[:500]
         self._counts["failed"] += 1
 
     def _mark_late(self, parts: list[_Part]) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..transport._tensors import Via, unwrap_via
 from ..transport._wire import Kind
 from ._errors import RemoteError
+from ._portable_errors import describe_error, error_from_parts
 
 if TYPE_CHECKING:
     from ._node import Node
@@ -92,8 +93,12 @@ class RemoteReply(Reply):
 
     def fail(self, exc: BaseException, code: str) -> None:
         self.node.running.pop((self.identity, self.corr), None)
-        type_name, message, tb = format_remote(exc)
-        self.node.send_error(self.identity, self.corr, code, type_name, message, tb if code == "remote" else None)
+        if code == "remote":
+            type_name, message, tb, details = describe_error(exc)
+            self.node.send_error(self.identity, self.corr, code, type_name, message, tb, details)
+        else:
+            type_name, message, _ = format_remote(exc)
+            self.node.send_error(self.identity, self.corr, code, type_name, message, None)
 
     def item(self, value: Any) -> asyncio.Future[None] | None:
         return self.node.send_reply(self.identity, Kind.ITEM, self.corr, value)
@@ -119,8 +124,8 @@ class LocalReply(Reply):
         if self.fut.done():
             return
         if code == "remote":
-            type_name, message, tb = format_remote(exc)
-            err = RemoteError(message, remote_type=type_name, remote_traceback=tb, actor=self.actor, method=self.method)
+            # A copy, as a remote caller would get it: the original stays the __cause__.
+            err = error_from_parts(*describe_error(exc), actor=self.actor, method=self.method, local=True)
             err.__cause__ = exc
             self.fut.set_exception(err)
         else:
@@ -228,8 +233,8 @@ class StreamSink(Reply):
 
     def fail(self, exc: BaseException, code: str) -> None:
         if code == "remote":
-            type_name, message, tb = format_remote(exc)
-            err = RemoteError(message, remote_type=type_name, remote_traceback=tb, actor=self.actor, method=self.method)
+            # A copy, as a remote caller would get it: the original stays the __cause__.
+            err = error_from_parts(*describe_error(exc), actor=self.actor, method=self.method, local=True)
             err.__cause__ = exc
             exc = err
         self.fail_with(exc)

@@ -6,9 +6,51 @@ the part the transport itself can raise, so that ``transport`` never imports ``a
 
 from __future__ import annotations
 
+from typing import Any
+
+# Every CascadaError subclass by its wire name (``module.QualName``), so that an error a
+# handler raised in another process can come back as its own type (see
+# ``actors._portable_errors``). Filled as classes are defined; a later class of the same
+# name replaces an earlier one.
+ERROR_TYPES: dict[str, type[CascadaError]] = {}
+
+
+def wire_name(t: type) -> str:
+    """The name an exception type travels under: ``ValueError``, ``pkg.mod.MyError``."""
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
 
 class CascadaError(Exception):
-    """Base of every error cascada raises on purpose. Catch this to catch them all."""
+    """Base of every error cascada raises on purpose. Catch this to catch them all.
+
+    A CascadaError raised by a handler reaches the caller as its own type, in any process
+    that has imported the class: its ``args`` and its public attributes that are
+    msgpack-native (None, bool, int, float, str, bytes, lists and maps of those) travel with
+    it. Subclass it for errors of your own that callers should catch by type; override
+    ``__cascada_fields__`` and ``__cascada_rebuild__`` when the defaults do not fit. Other
+    exceptions arrive as ``RemoteError``."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        ERROR_TYPES[wire_name(cls)] = cls
+
+    def __cascada_fields__(self) -> dict[str, Any]:
+        """The fields that travel with this error (checked and trimmed by the sender):
+        by default every public instance attribute."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    @classmethod
+    def __cascada_rebuild__(cls, args: list[Any], fields: dict[str, Any]) -> CascadaError:
+        """This error again, from its ``args`` and fields, without calling ``__init__``
+        (whose signature may differ from ``Exception``'s)."""
+        exc = cls.__new__(cls)
+        exc.args = tuple(args)
+        for k, v in fields.items():
+            setattr(exc, k, v)
+        return exc
+
+
+ERROR_TYPES[wire_name(CascadaError)] = CascadaError
 
 
 class ConfigurationError(CascadaError, ValueError):

@@ -65,11 +65,13 @@ async def test_three_levels_of_flows_answer_carry_the_context_and_surface_a_fail
         assert (err.actor, err.method) == ("b", "fail")
         assert err.remote_traceback is not None and "ValueError: b cannot take 0" in err.remote_traceback
         assert str(err) == "top[mid] > mid[bad] > bad[b] > b.fail: ValueError: b cannot take 0"
-        # A plain ask gets the runtime's RemoteError; flow_error reads the typed error out of it.
-        with pytest.raises(cascada.RemoteError) as remote:
+        # A plain ask raises the same typed error (errors cross processes as themselves).
+        with pytest.raises(StageFailed) as plain:
             await top.ask("run", -1)
-        typed = flow_error(remote.value)
-        assert isinstance(typed, StageFailed) and typed.path == want
+        assert plain.value.path == want and plain.value.remote_type == "ValueError"
+        assert any("Remote traceback (top.run)" in note for note in plain.value.__notes__)
+        typed = flow_error(plain.value)
+        assert typed is plain.value
         assert flow_error(ValueError("x")) is None
         with pytest.raises(StageFailed) as streamed:
             async for _ in stream_flow(top, -1):

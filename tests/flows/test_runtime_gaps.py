@@ -1,5 +1,5 @@
-"""Runtime behaviour the flows ran into, kept as strict xfails until the runtime changes
-(each says what fails and what would fix it)."""
+"""Runtime behaviour the flows ran into (once strict xfails; each is fixed now and stays as a
+regression test)."""
 
 from __future__ import annotations
 
@@ -24,14 +24,6 @@ async def test_cascadas_own_actor_classes_run_from_their_source_files_in_actor_p
         assert "_flow_kinds.py" in info.value.remote_traceback, info.value.remote_traceback
 
 
-@pytest.mark.xfail(strict=True, raises=cascada.RemoteError, reason=(
-    "A handler's exception reaches a caller in another process as RemoteError(type name, str, traceback): the "
-    "error body's `details` slot ([code, type, message, traceback, details]) is always None, so a typed "
-    "CascadaError subclass raised by an actor (here the flows' StageFailed, with its path and the original "
-    "error's fields) cannot come back as itself. The flows work around it by appending a JSON line to the "
-    "message (read back by cascada.flow_error / ask_flow, and by every flow one level up). Fix: let error "
-    "classes opt in (e.g. a `__cascada_details__()` returning msgpack-native fields and a registry by type "
-    "name) and rebuild them in error_from_body, falling back to RemoteError."))
 async def test_a_flow_error_reaches_a_plain_ask_as_its_own_type() -> None:
     async with cascada.ActorSystem() as system:
         a = await system.spawn(Leaf, name="a", placement="process")

@@ -158,7 +158,7 @@ async def test_decoder_actor_streams_the_same_tokens_across_processes(lm: TinyCa
         assert proposal["tokens"] == tokens
         torch.testing.assert_close(proposal["q"], q, rtol=0, atol=1e-12)
         assert (await dec.ask("draft", [1, 2], 3, with_q=False))["q"] is None
-        with pytest.raises(cascada.RemoteError, match="prompt is empty"):
+        with pytest.raises(StageInputError, match="prompt is empty"):
             await dec.ask("complete", [], 3)
         stats = await dec.ask("stats")
         assert stats["generated"] == 3 * 12 + 2 * 12 and stats["drafted"] == 6

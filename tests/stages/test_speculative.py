@@ -137,7 +137,7 @@ async def test_speculative_decoding_across_processes(target: TinyCausalLM) -> No
         assert stats["rounds"] > 8 and stats["accepted"] >= 0
         with pytest.raises(cascada.DeadlineExceeded):
             await speculative_generate(draft_ref, target_ref, [1], 80, 3, timeout=0.001)
-        with pytest.raises(cascada.RemoteError, match="no check"):
+        with pytest.raises(StageInputError, match="no check"):
             await target_ref.ask("check", [0.5, 0.5])
 
 
@@ -146,5 +146,5 @@ async def test_sampling_verification_refuses_a_draft_of_another_vocabulary() -> 
         small = functools.partial(tiny_lm, 8, 16, 1, 2, 32, seed=3, dtype="float64")
         draft_ref = await system.spawn(Decoder, factory=small, placement="local")
         target_ref = await system.spawn(Verifier, factory=make_target, placement="local")
-        with pytest.raises(cascada.RemoteError, match=r"q_rows must be \[2, 32\]"):
+        with pytest.raises(StageInputError, match=r"q_rows must be \[2, 32\]"):
             await speculative_generate(draft_ref, target_ref, [1], 5, 2, mode="sample", seed=1)

@@ -111,7 +111,7 @@ async def test_verifier_actor_answers_checks_across_processes() -> None:
         assert [a["verdict"] for a in answers] == ["accept", "reject", "abstain"]
         assert answers[0]["value"] == 0 and answers[0]["score"] == pytest.approx(0.9)
         assert (await ref.ask("stats"))["checked"] == {"accept": 1, "reject": 1, "abstain": 1}
-        with pytest.raises(cascada.RemoteError, match="no target model"):
+        with pytest.raises(StageInputError, match="no target model"):
             await ref.ask("verify", [1], [2])
         with pytest.raises(cascada.ActorInitFailed, match="give a check=, a model="):
             await system.spawn(Verifier, placement="local")
