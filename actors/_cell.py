@@ -304,6 +304,9 @@ class ActorCell:
 
     def _fail(self, msg: Message, exc: BaseException, code: str) -> None:
         self.stats.failed += 1
+        if self.crashed is not None:  # killed under its own handler: the dead incarnation does not answer
+            self._crashed_under(msg)
+            return
         if msg.reply is not None:
             msg.reply.fail(exc, code)
         else:
@@ -339,7 +342,9 @@ class ActorCell:
             self._current.add_done_callback(functools.partial(self._killed_before_start, msg))
             return True
         self.stats.handled += 1
-        if msg.reply is not None:
+        if self.crashed is not None:
+            self._crashed_under(msg)
+        elif msg.reply is not None:
             pending = msg.reply.ok(result)
             if pending is not None:
                 self._parked = False
@@ -382,7 +387,9 @@ class ActorCell:
         else:
             _ended(msg)
             self.stats.handled += 1
-            if msg.reply is not None:
+            if self.crashed is not None:
+                self._crashed_under(msg)
+            elif msg.reply is not None:
                 pending = msg.reply.ok(result)
                 if pending is not None:
                     await pending
@@ -415,7 +422,9 @@ class ActorCell:
             return
         _ended(msg)
         self.stats.handled += 1
-        if msg.reply is not None:
+        if self.crashed is not None:
+            self._crashed_under(msg)
+        elif msg.reply is not None:
             pending = msg.reply.ok(result)
             if pending is not None:
                 await pending

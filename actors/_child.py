@@ -5,18 +5,76 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import resource
 import signal
 import traceback
+from collections.abc import Mapping
 from typing import Any
 
 from ..transport._endpoints import host_id
 from ._actor import Actor
 from ._cell import ActorCell
-from ._errors import CascadaError
+from ._errors import CascadaError, ConfigurationError
 from ._heartbeat import send_beats
 from ._loop import run
+from ._messages import Message
 from ._node import Node, NodeConfig
 from ._ref import ActorRef, current_node
+
+EXIT_MEMORY_ERROR = 87
+"""Exit status of an actor process spawned with a memory limit (``rlimits`` with ``AS`` or
+``DATA``) whose handler raised MemoryError: the process ends, as Erlang's ``max_heap_size``
+kills a process, and its supervisor sees an abnormal exit whose reason says so."""
+
+MEMORY_LIMITS = ("AS", "DATA")
+
+
+def normalize_rlimits(rlimits: Mapping[str, int | tuple[int, int]] | None) -> dict[str, list[int]]:
+    """Check ``spawn(..., rlimits=...)``: resource names (those of ``resource.RLIMIT_*``,
+    with or without the prefix: ``"AS"``, ``"DATA"``, ``"NOFILE"``, ``"CPU"``) to a limit
+    (soft and hard alike) or a ``(soft, hard)`` pair; ``resource.RLIM_INFINITY`` for none."""
+    if rlimits is None:
+        return {}
+    if not isinstance(rlimits, Mapping):
+        raise ConfigurationError(f"rlimits must be a mapping of resource names to limits, got {rlimits!r}")
+    out: dict[str, list[int]] = {}
+    for key, value in rlimits.items():
+        name = key.upper().removeprefix("RLIMIT_") if isinstance(key, str) else ""
+        if not name or not isinstance(getattr(resource, "RLIMIT_" + name, None), int):
+            raise ConfigurationError(f"unknown resource limit {key!r}: use a name of resource.RLIMIT_*, "
+                                     "such as 'AS', 'DATA', 'NOFILE' or 'CPU'")
+        pair = (value, value) if isinstance(value, int) else value
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool)
+                        and (v >= 0 or v == resource.RLIM_INFINITY) for v in pair)):
+            raise ConfigurationError(f"rlimits[{key!r}] must be a limit or a (soft, hard) pair of "
+                                     f"non-negative ints (or resource.RLIM_INFINITY), got {value!r}")
+        soft, hard = int(pair[0]), int(pair[1])
+        if hard != resource.RLIM_INFINITY and (soft == resource.RLIM_INFINITY or soft > hard):
+            raise ConfigurationError(f"rlimits[{key!r}]: the soft limit {soft} is above the hard limit {hard}")
+        out[name] = [soft, hard]
+    return out
+
+
+def _apply_rlimits(limits: dict[str, list[int]]) -> None:
+    for name, (soft, hard) in limits.items():
+        resource.setrlimit(getattr(resource, "RLIMIT_" + name), (soft, hard))
+
+
+class _MemoryLimitedCell(ActorCell):
+    """The cell of an actor process with a memory limit: a handler that runs out of memory
+    ends the process (exit status EXIT_MEMORY_ERROR) instead of answering with the error and
+    serving on at its limit. Its calls in flight then fail with ActorDied, like any death."""
+
+    def _fail(self, msg: Message, exc: BaseException, code: str) -> None:
+        if isinstance(exc, MemoryError):
+            try:
+                os.write(2, f"cascada: actor {self.name!r} ran out of memory in {msg.method} (MemoryError under "
+                            f"its memory limit); its process exits\n".encode())
+            except BaseException:  # noqa: BLE001 - no memory even for that: exit all the same
+                pass
+            os._exit(EXIT_MEMORY_ERROR)
+        super()._fail(msg, exc, code)
 
 
 def run_child(header: dict[str, Any], blob: bytes) -> int:
@@ -28,6 +86,9 @@ async def _serve(header: dict[str, Any], blob: bytes) -> int:
     incarnation: str = header["incarnation"]
     node = Node(header["node_id"], header["endpoint"], NodeConfig.from_dict(header["config"]))
     node.incarnation = incarnation
+    for moved_endpoint, moved_pid, moved_incarnation in header.get("moved") or ():
+        if moved_endpoint != node.endpoint:  # actors restarted so far: refs to them reach the new ones
+            node.update_peer(moved_endpoint, moved_pid, moved_incarnation)
     current_node.set(node)
     await node.start()
     heartbeat = header.get("heartbeat")
@@ -59,13 +120,16 @@ async def _serve(header: dict[str, Any], blob: bytes) -> int:
     try:
         # The trusted spawn channel: these bytes came from our own system through the
         # forkserver's private socketpair, never from a socket anyone else can reach.
+        limits: dict[str, list[int]] = header.get("rlimits") or {}
+        _apply_rlimits(limits)  # the constructor, on_start and every handler run under them
         cls, args, kwargs = pickle.loads(blob)
         if not (isinstance(cls, type) and issubclass(cls, Actor)):
             raise TypeError(f"{cls!r} is not a subclass of cascada.Actor")
         instance = cls(*args, **kwargs)
         instance.name = name
         instance.ref = ActorRef(name, node.endpoint, os.getpid(), node.host, incarnation, node=node)
-        cell = ActorCell(node, name, instance, incarnation)
+        cell_cls = _MemoryLimitedCell if any(k in limits for k in MEMORY_LIMITS) else ActorCell
+        cell = cell_cls(node, name, instance, incarnation)
         await cell.start()
     except Exception as exc:
         tb = "".join(traceback.format_exception(exc))

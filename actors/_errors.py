@@ -6,6 +6,8 @@
     ├── ConfigurationError (ValueError)   bad argument or setting; nothing was started
     ├── SerializationError (TypeError)    a value cannot travel; nothing was sent
     ├── ProtocolError                     a frame broke the wire format or a limit
+    ├── EndpointConflict                  another process holds (or would be bound over) an
+    │                                     actor's ipc path; nothing was sent to it
     ├── DeadlineExceeded (TimeoutError)   the deadline passed; the work may have run
     │   └── Overloaded                    ... while the call waited for room in a full mailbox
     │                                     or transport: it did not run (safe to retry)
@@ -30,10 +32,13 @@ cascada, most specific first, with the original kept as ``__cause__``.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..transport._errors import (
     CascadaError,
     ConfigurationError,
     DeadlineExceeded,
+    EndpointConflict,
     HandleNotPortable,
     PoolExhausted,
     ProtocolError,
@@ -49,6 +54,7 @@ __all__ = [
     "CascadaError",
     "ConfigurationError",
     "DeadlineExceeded",
+    "EndpointConflict",
     "HandleNotPortable",
     "PoolExhausted",
     "Overloaded",
@@ -88,6 +94,10 @@ class RemoteError(CascadaError):
     """Raised when the callee's handler raised. ``remote_type`` is the qualified name of the
     exception it raised, ``remote_traceback`` the formatted traceback from the callee's
     process. For local actors the original exception is also the ``__cause__``."""
+
+    # The details of a typed error this process could not rebuild, passed on when it is
+    # raised again (see _portable_errors).
+    _remote_details: dict[str, Any] | None = None
 
     def __init__(
         self,

@@ -27,11 +27,12 @@ import msgpack
 import zmq
 
 from ..transport import _monitor
-from ..transport._endpoints import check_endpoint, host_id, ipc_path, process_gone
+from ..transport._endpoints import check_endpoint, check_ipc_listener, claim_ipc_path, host_id, ipc_path, process_gone
 from ..transport._errors import (
     CascadaError,
     ConfigurationError,
     DeadlineExceeded,
+    EndpointConflict,
     HandleNotPortable,
     PoolExhausted,
     ProtocolError,
@@ -41,9 +42,11 @@ from ..transport._errors import (
 )
 from ..transport._socket import AsyncSocket, Unroutable, configure
 from ..transport._tensors import Destination, PoolBusy, TensorCodec, TensorOptions
-from ..transport._wire import DEFAULT_MAX_HEADER_BYTES, EXT_REF, Codec, Envelope, Kind, Limits, error_body
-from ._errors import ActorDied, ActorInitFailed, ActorNotFound, Overloaded, RemoteError, SystemClosed
+from ..transport._wire import (DEFAULT_MAX_CONTAINERS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_MESSAGE_BYTES, EXT_REF,
+                               Codec, Envelope, Kind, Limits, error_body)
+from ._errors import ActorDied, ActorInitFailed, ActorNotFound, Overloaded, SystemClosed
 from ._messages import Message, RemoteReply, StreamCredit, StreamSink
+from ._portable_errors import error_from_parts
 from ._ratelimit import RateLimitedLog
 from ._tasks import TaskSet
 
@@ -62,10 +65,34 @@ UNSET = _Unset()
 
 
 class NodeConfig:
-    """Settings shared by every node of a system (they travel to actor processes)."""
+    """Settings shared by every node of a system (they travel to actor processes).
 
-    __slots__ = ("hwm", "max_header_bytes", "max_frames", "max_frame_bytes", "mailbox_size", "mailbox_bytes",
-                 "stream_window", "default_timeout", "tensors")
+    The wire limits, and what they bound on a receiver (measured as VmHWM over its RSS
+    before the message; see transport/_wire.py and RELIABILITY.md R21):
+
+    - ``max_frame_bytes`` (1 GiB): ZMQ_MAXMSGSIZE. libzmq checks it per frame, from the
+      frame's length, before reading it: a bigger frame disconnects the peer.
+    - ``max_frames`` (1024) and ``max_message_bytes`` (1 GiB): frames in one message, and
+      their bytes together. A message over either, or carrying an out-of-band frame that no
+      tensor descriptor refers to, is refused (ProtocolError, counted in
+      ``rejected_frames``, an error reply to a request) and dropped at once. libzmq receives
+      a multipart message whole before cascada sees any of it, though, so the transient
+      peak is what libzmq accepted: up to ``max_frames x max_frame_bytes``. Only
+      authenticated peers, or lower limits, bound that.
+    - ``max_header_bytes`` (1 MiB): the msgpack header, refused before decoding when over.
+      Decoding one costs at most ~80 bytes per header byte for headers up to 80 KiB.
+      Above that, arrays and maps are counted against ``max_header_containers`` (131,072
+      units of ~80 bytes: an array 1, a map 3; refused past it), so a header of empty or
+      small containers costs at most ~11 MiB at the 1 MiB cap. Scalars and the elements of
+      lists and maps are not counted: up to ~42 bytes per header byte (small negative
+      ints; two-character strings or eleven-entry maps ~26, int8 ~22, floats ~4), so
+      ~42 MiB at the defaults. ``max_header_bytes`` of 256 KiB keeps every header under
+      ~11 MiB, refusing bigger msgpack payloads.
+    """
+
+    __slots__ = ("hwm", "max_header_bytes", "max_frames", "max_frame_bytes", "max_message_bytes",
+                 "max_header_containers", "mailbox_size", "mailbox_bytes", "stream_window", "default_timeout",
+                 "tensors")
 
     def __init__(
         self,
@@ -74,6 +101,8 @@ class NodeConfig:
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_frames: int = 1024,
         max_frame_bytes: int = 1 << 30,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_header_containers: int = DEFAULT_MAX_CONTAINERS,
         mailbox_size: int = 1024,
         mailbox_bytes: int = 64 << 20,
         stream_window: int = 64,
@@ -81,7 +110,8 @@ class NodeConfig:
         tensors: TensorOptions | None = None,
     ) -> None:
         for key, value in (("hwm", hwm), ("max_header_bytes", max_header_bytes), ("max_frames", max_frames),
-                           ("max_frame_bytes", max_frame_bytes), ("mailbox_size", mailbox_size),
+                           ("max_frame_bytes", max_frame_bytes), ("max_message_bytes", max_message_bytes),
+                           ("max_header_containers", max_header_containers), ("mailbox_size", mailbox_size),
                            ("mailbox_bytes", mailbox_bytes), ("stream_window", stream_window)):
             if type(value) is not int or value <= 0:
                 raise ConfigurationError(f"{key} must be a positive int, got {value!r}")
@@ -94,6 +124,11 @@ class NodeConfig:
         self.max_header_bytes = max_header_bytes
         self.max_frames = max_frames
         self.max_frame_bytes = max_frame_bytes
+        if max_message_bytes < max_header_bytes:
+            raise ConfigurationError(f"max_message_bytes must be at least max_header_bytes ({max_header_bytes}), "
+                                     f"got {max_message_bytes}")
+        self.max_message_bytes = max_message_bytes
+        self.max_header_containers = max_header_containers
         self.mailbox_size = mailbox_size
         self.mailbox_bytes = mailbox_bytes
         self.stream_window = stream_window
@@ -113,9 +148,9 @@ class NodeConfig:
 
 
 def error_from_body(body: list[Any], actor: str | None, method: str | None) -> BaseException:
-    code, type_name, message, tb, _details = body
+    code, type_name, message, tb, details = body
     if code == "remote":
-        return RemoteError(message, remote_type=type_name or "Exception", remote_traceback=tb, actor=actor, method=method)
+        return error_from_parts(type_name, message, tb, details, actor=actor, method=method)
     if code == "not_found":
         return ActorNotFound(message)
     if code == "deadline":
@@ -156,7 +191,7 @@ LEASE_SWEEP_INTERVAL = 0.25  # seconds between checks for dead consumers while l
 
 class NodeStats:
     __slots__ = ("rejected_frames", "late_replies", "stale_replies", "dropped_connections", "retries", "unroutable_replies",
-                 "tell_failures", "received", "sent")
+                 "tell_failures", "received", "sent", "fenced_requests", "endpoint_conflicts")
 
     def __init__(self) -> None:
         self.rejected_frames = 0
@@ -168,6 +203,8 @@ class NodeStats:
         self.tell_failures = 0
         self.received = 0
         self.sent = 0
+        self.fenced_requests = 0  # requests meant for another incarnation of our actor: refused, not run
+        self.endpoint_conflicts = 0  # ipc peers found held by another process than the ref names
 
     def to_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}
@@ -181,7 +218,8 @@ class Node:
         self.pid = os.getpid()
         self.host = host_id()
         self.codec = Codec(Limits(max_header_bytes=config.max_header_bytes, max_frames=config.max_frames,
-                                  max_frame_bytes=config.max_frame_bytes))
+                                  max_frame_bytes=config.max_frame_bytes, max_message_bytes=config.max_message_bytes,
+                                  max_containers=config.max_header_containers))
         self.codec.register(_ref_type(), self._encode_ref, EXT_REF, self._decode_ref)
         self.tensors = TensorCodec(config.tensors, host=self.host, owner_endpoint=endpoint,
                                    process_gone=process_gone, on_release=self._lease_released)
@@ -230,6 +268,11 @@ class Node:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        path = ipc_path(self.endpoint)
+        if path is not None:
+            # libzmq's ipc bind unlinks whatever is there: refuse (EndpointConflict) to take a
+            # live listener's path over; a stale socket file left by kill -9 is removed.
+            claim_ipc_path(path)
         self._ctx = zmq.Context(io_threads=1)
         sock = self._ctx.socket(zmq.ROUTER)
         configure(sock, hwm=self.config.hwm, max_frame_bytes=self.config.max_frame_bytes, router=True)
@@ -347,6 +390,9 @@ class Node:
         """Handle one inbound message; True when a mailbox is now full (reading paused)."""
         kind = env.kind
         if kind is Kind.ASK or kind is Kind.TELL or kind is Kind.STREAM:
+            if env.expect is not None and env.expect != self.incarnation and self.incarnation is not None:
+                self._refuse(identity, env)
+                return False
             if env.target is None:
                 self._on_control(identity, env)
                 return False
@@ -394,6 +440,18 @@ class Node:
             self.log.warning("protocol", "node %s got a %s on its ROUTER; only requests go there", self.id, kind.name)
         return False
 
+    def _refuse(self, identity: bytes, env: Envelope) -> None:
+        """A request meant for another incarnation of the actor this node hosts (sent before
+        its sender heard of a restart): it does not run; an ask or stream hears so."""
+        self.stats.fenced_requests += 1
+        what = f"actor {env.target!r}" if env.target is not None else f"node {self.id}"
+        message = (f"{what} at {self.endpoint} is now incarnation {self.incarnation}, not {env.expect} that the "
+                   "request was meant for (it was restarted): the request did not run")
+        if env.kind is Kind.TELL:
+            self.log.warning("fenced", "node %s dropped a tell: %s", self.id, message)
+        else:
+            self.send_error(identity, env.corr, "died", "ActorDied", message, None)
+
     def mailbox_has_room(self, cell_name: str) -> None:
         """Called by a cell when its mailbox drops below capacity: deliver what waited in
         the backlog, then resume reading."""
@@ -425,12 +483,17 @@ class Node:
 
     def _on_control(self, identity: bytes, env: Envelope) -> None:
         sync = self.control_sync.get(env.method or "")
-        if sync is not None and env.kind is Kind.TELL:
+        if sync is not None and (env.kind is Kind.TELL or env.kind is Kind.ASK):
             try:
                 sync(env)
             except ProtocolError as exc:
                 self.stats.rejected_frames += 1
                 self.log.warning("control", "control %s rejected: %s", env.method, exc)
+                if env.kind is Kind.ASK:
+                    self.send_error(identity, env.corr, "protocol", "ProtocolError", str(exc), None)
+                return
+            if env.kind is Kind.ASK:  # the sender waits until this node has applied it
+                self.send_reply(identity, Kind.REPLY, env.corr, None)
             return
         handler = self.control.get(env.method or "")
         if handler is None:
@@ -493,9 +556,17 @@ class Node:
     def routing_id(self) -> bytes:
         return f"{self.pid}.{next(self._routing_ids)}.{self.host[:12]}".encode()
 
-    def send_error(self, identity: bytes, corr: int, code: str, type_name: str, message: str, tb: str | None) -> None:
-        frames = self.codec.encode(Kind.ERROR, corr, None, None, None, None, error_body(code, type_name, message, tb),
-                                   None, self.incarnation)
+    def send_error(self, identity: bytes, corr: int, code: str, type_name: str, message: str, tb: str | None,
+                   details: dict[str, Any] | None = None) -> None:
+        body = error_body(code, type_name, message, tb, details)
+        try:
+            frames = self.codec.encode(Kind.ERROR, corr, None, None, None, None, body, None, self.incarnation)
+        except CascadaError:
+            if details is None:
+                raise
+            # The details broke a limit of the wire: send the error without them (a RemoteError).
+            frames = self.codec.encode(Kind.ERROR, corr, None, None, None, None,
+                                       error_body(code, type_name, message, tb), None, self.incarnation)
         self._route(identity, frames)
 
     def _route(self, identity: bytes, frames: list[Any]) -> asyncio.Future[None] | None:
@@ -513,7 +584,9 @@ class Node:
 
     # -- outbound requests ---------------------------------------------------------------
 
-    def peer(self, endpoint: str, pid: int, host: str) -> Peer:
+    def peer(self, endpoint: str, pid: int, host: str, incarnation: str | None = None) -> Peer:
+        """The connection to endpoint; ``incarnation`` (a ref's) is what requests are meant
+        for until the system says otherwise (update_peer)."""
         peer = self.peers.get(endpoint)
         if peer is None:
             if self.closed:
@@ -522,8 +595,15 @@ class Node:
             peer = Peer(self, endpoint, pid if moved is None else moved[0], host)
             if moved is not None:
                 peer.incarnation = moved[1]
-            peer.dead = self.dead_endpoints.get(endpoint)
+                peer.told = True
+            else:
+                peer.incarnation = incarnation
+            buried = self.dead_endpoints.get(endpoint)
+            if buried is not None:
+                peer.dead = buried
             self.peers[endpoint] = peer
+        elif peer.incarnation is None and incarnation is not None and not peer.told:
+            peer.incarnation = incarnation
         return peer
 
     def bury(self, endpoint: str, died: ActorDied) -> None:
@@ -564,7 +644,7 @@ class Node:
         peer.check_alive(target or peer.endpoint)
         corr = next(self.corr)
         fut: asyncio.Future[Any] = self.loop.create_future()
-        peer.calls[corr] = (fut, target, method)
+        peer.calls[corr] = (fut, target, method, peer.incarnation)  # send stamps the same
         try:
             sent = peer.send(Kind.ASK, corr, target, method, deadline, [list(args), kwargs], ctx=ctx, key=key)
             if sent is not None:
@@ -688,6 +768,34 @@ def _expire(fut: asyncio.Future[Any], label: str) -> None:
         fut.set_exception(DeadlineExceeded(f"{label}: no reply before the deadline; the call may or may not have run"))
 
 
+async def wait_until(aw: Awaitable[Any], deadline: float) -> Any:
+    """``asyncio.wait_for`` up to an absolute deadline (TimeoutError after it), except that
+    a cancellation of the caller is never lost: on Python 3.11, wait_for returns the
+    result instead when the awaited thing completes in the same loop turn as the
+    cancellation arrives, and a cancelled handler would carry on (here: a stream closed
+    by its consumer while the producer waited for its nested call to be sent)."""
+    fut = asyncio.ensure_future(aw)
+    if fut.done():
+        return fut.result()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        fut.cancel()
+
+    timer = asyncio.get_running_loop().call_later(max(0.0, deadline - time.time()), expire)
+    try:
+        return await fut
+    except asyncio.CancelledError:
+        me = asyncio.current_task()
+        if expired and (me is None or not me.cancelling()):
+            raise asyncio.TimeoutError from None
+        raise
+    finally:
+        timer.cancel()
+
+
 async def wait_reply(fut: asyncio.Future[Any], deadline: float | None, loop: asyncio.AbstractEventLoop,
                      label: str) -> Any:
     """Await a reply future, failing it with DeadlineExceeded at the deadline. A timer, not
@@ -707,7 +815,7 @@ async def wait_room(aw: Awaitable[Any], deadline: float | None, label: str) -> A
     if deadline is None:
         return await aw
     try:
-        return await asyncio.wait_for(aw, max(0.0, deadline - time.time()))
+        return await wait_until(aw, deadline)
     except asyncio.TimeoutError as exc:
         raise Overloaded(f"{label}: the callee's mailbox stayed full until the deadline; the message "
                          "was not run (it is safe to retry; see the callee's mailbox stats)") from exc
@@ -717,7 +825,7 @@ async def with_deadline(aw: Awaitable[Any], deadline: float | None, label: str) 
     if deadline is None:
         return await aw
     try:
-        return await asyncio.wait_for(aw, max(0.0, deadline - time.time()))
+        return await wait_until(aw, deadline)
     except asyncio.TimeoutError as exc:
         raise DeadlineExceeded(f"{label}: the deadline passed before the call completed; "
                                "it may or may not have run") from exc
@@ -842,6 +950,36 @@ def _ref_type() -> type:
     return ActorRef
 
 
+class _HeldSend(asyncio.Future[None]):
+    """What Peer.send returns for a message it holds until the connection is made and checked
+    (its own type, so wait_sent can tell it from zmq's backpressure)."""
+
+
+def _settle(fut: asyncio.Future[None], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+        fut.exception()  # a fire-and-forget send (CREDIT, CANCEL) has nobody to read it
+
+
+def _follow(src: asyncio.Future[None], dst: asyncio.Future[None]) -> None:
+    """dst (a released held send) completes as src (the send it became) does; a sender giving
+    up on dst gives up on src too."""
+
+    def done(f: asyncio.Future[None]) -> None:
+        if dst.done():
+            if not f.cancelled():
+                f.exception()
+        elif f.cancelled():
+            dst.cancel()
+        elif f.exception() is not None:
+            _settle(dst, cast(BaseException, f.exception()))
+        else:
+            dst.set_result(None)
+
+    src.add_done_callback(done)
+    dst.add_done_callback(lambda d: src.cancel() if d.cancelled() and not src.done() else None)
+
+
 class Peer:
     """The calling side of one connection: a DEALER to another node, its pending calls and
     streams, and a monitor that tells when the connection drops."""
@@ -851,14 +989,24 @@ class Peer:
         self.endpoint = endpoint
         self.pid = pid
         self.same_host = host == node.host
-        self.calls: dict[int, tuple[asyncio.Future[Any], str | None, str | None]] = {}
+        # corr -> (future, actor, method, the incarnation the request was meant for)
+        self.calls: dict[int, tuple[asyncio.Future[Any], str | None, str | None, str | None]] = {}
         self.streams: dict[int, StreamSink] = {}
-        self.dead: ActorDied | None = None
+        self._stream_expect: dict[int, str] = {}  # corr -> the incarnation a stream was meant for
+        self.dead: ActorDied | EndpointConflict | None = None
         self.connected = False
         self.host = host
-        self.incarnation: str | None = None  # when known: replies from any other are stale
+        # The incarnation requests are meant for (stamped on each; None: any). A receiver
+        # hosting another refuses them unrun, and a reply counts only from the one its
+        # request was meant for. ``told``: it came from the system (update_peer), not a ref.
+        self.incarnation: str | None = None
+        self.told = False
         self.dest = Destination(self.same_host, (host, pid))
         self._queue: _SendQueue | None = None  # sends waiting for room in the shm pool
+        self._ipc = self.same_host and ipc_path(endpoint) is not None
+        # Sends held here, not in zmq, while an ipc connection is not made and checked yet
+        # (opened, or dropped and being remade): None when they go straight to the socket.
+        self._held: deque[tuple[tuple[Any, ...], _HeldSend]] | None = None
         self._open()
 
     def _open(self) -> None:
@@ -871,13 +1019,53 @@ class Peer:
         mon = sock.get_monitor_socket(_monitor.WATCHED)
         mon.setsockopt(zmq.LINGER, 0)
         self._mon = AsyncSocket(mon, self._on_monitor, node.loop)
-        try:
-            sock.connect(check_endpoint(self.endpoint))
-        except (zmq.ZMQError, ConfigurationError) as exc:
-            self._mon.close()
-            sock.close(linger=0)
-            raise ConfigurationError(f"cannot connect to {self.endpoint!r}: {exc}") from exc
+        # Before connecting: is the ipc path still the process the ref names? (Checked again
+        # on every CONNECTED event; never per message.)
+        conflict = self._listener_conflict()
+        if conflict is None:
+            try:
+                sock.connect(check_endpoint(self.endpoint))
+            except (zmq.ZMQError, ConfigurationError) as exc:
+                self._mon.close()
+                sock.close(linger=0)
+                raise ConfigurationError(f"cannot connect to {self.endpoint!r}: {exc}") from exc
+            if self._ipc and self._held is None:
+                # Nothing goes before the check on CONNECTED: whoever listens by then (this
+                # check saw nobody, or the path changed hands since) must be the process named.
+                self._held = deque()
         self.sock = AsyncSocket(sock, self._on_reply, node.loop)
+        if conflict is not None:
+            self._conflict(conflict)
+            self._close_sockets()  # never connected: nothing of ours reached the other process
+
+    def _listener_conflict(self) -> EndpointConflict | None:
+        """EndpointConflict when another process than ours (self.pid, still alive) listens on
+        this peer's ipc path: it took the path over, and nothing may be sent to it. One
+        connect and close on a unix socket (tens of microseconds); tcp, the abstract
+        namespace and other hosts are not checked. Once self.pid is gone, whoever listens may
+        be its restart: that is for the incarnation stamped on each request to settle."""
+        if not self._ipc:
+            return None
+        try:
+            check_ipc_listener(self.endpoint, self.pid, timeout=0.25)
+        except EndpointConflict as exc:
+            if exc.__cause__ is not None or process_gone(self.pid):
+                return None  # a listener that does not accept (cannot be named), or a restart
+            return exc
+        return None
+
+    def _conflict(self, exc: EndpointConflict) -> None:
+        """Our process no longer holds the endpoint: calls fail with EndpointConflict, now and
+        until the system names a new process there (revive)."""
+        node = self.node
+        node.stats.endpoint_conflicts += 1
+        node.log.warning("endpoint-conflict", "node %s: %s", node.id, exc)
+        self.dead = exc
+        self.connected = False
+        self._fail_all(EndpointConflict(f"{exc}; the connection to it was dropped, and nothing held for it "
+                                        "was sent"))
+        if self._held is None:
+            self._held = deque()  # until the socket is dropped, nothing more goes to that process
 
     def _drop_socket(self) -> None:
         """The process behind this endpoint is gone: drop the connection and whatever zmq still
@@ -900,15 +1088,45 @@ class Peer:
                 pass
         self.sock.close()
         self._mon.close()
+        held, self._held = self._held, None
+        for _args, fut in held or ():
+            _settle(fut, TransportClosed(f"the connection to {self.endpoint} was closed before the message was sent"))
+
+    def _reopen(self) -> None:
+        """An ipc connection dropped (its process lives on): drop its socket with whatever
+        zmq still queued for it (sent before the drop was seen; libzmq's own reconnect would
+        deliver that before the listener is checked), and connect anew. What is sent
+        meanwhile stays held until the new connection is checked."""
+        if self.sock.closed or self.connected or self.dead is not None or self.node.closed:
+            return
+        held, self._held = self._held, None
+        self._close_sockets()
+        self._held = held if held is not None else deque()
+        try:
+            self._open()
+        except ConfigurationError as exc:
+            self._fail_all(exc)
+            self._held = None  # no socket: later sends fail at once (TransportClosed)
 
     def revive(self, pid: int, incarnation: str | None) -> None:
         """The actor behind this endpoint was restarted as pid: talk to it on a new connection."""
         self.pid = pid
         self.dest = Destination(self.same_host, (self.host, pid))
         self.incarnation = incarnation
+        self.told = True
         self.dead = None
         if self.sock.closed and not self.node.closed:
             self._open()
+        elif self.connected:
+            conflict = self._listener_conflict()
+            if conflict is not None:
+                self._conflict(conflict)
+                self.node.loop.call_soon(self._drop_socket)
+
+    def forget_stream(self, corr: int) -> StreamSink | None:
+        """Stop expecting anything for a stream (its caller closed it)."""
+        self._stream_expect.pop(corr, None)
+        return self.streams.pop(corr, None)
 
     # -- replies -------------------------------------------------------------------------
 
@@ -934,51 +1152,90 @@ class Peer:
                     entry[0].set_exception(err)
 
     def _on_reply_env(self, env: Envelope) -> None:
+        # A reply counts only from the incarnation its request was meant for (stamped on the
+        # request, kept with the call), whatever this peer believes now: one from another
+        # incarnation is never delivered; the call fails with ActorDied at once.
         node = self.node
         kind = env.kind
-        if env.incarnation is not None and self.incarnation is not None and env.incarnation != self.incarnation:
-            node.stats.stale_replies += 1  # from an incarnation since replaced: never delivered
-            return
-        if kind is Kind.REPLY:
+        inc = env.incarnation
+        if kind is Kind.REPLY or kind is Kind.ERROR:
             entry = self.calls.pop(env.corr, None)
-            if entry is None:
+            if entry is not None:
+                fut, actor, method, expect = entry
+                if fut.done():
+                    return
+                if inc is not None and expect is not None and inc != expect:
+                    fut.set_exception(self._fenced(env, expect, actor, method))
+                elif kind is Kind.REPLY:
+                    fut.set_result(env.body)
+                else:
+                    fut.set_exception(error_from_body(env.body, actor, method))
+                return
+            sink = self.streams.pop(env.corr, None) if kind is Kind.ERROR else None
+            if sink is None:
                 node.stats.late_replies += 1
-            elif not entry[0].done():
-                entry[0].set_result(env.body)
-        elif kind is Kind.ITEM:
+                return
+            expect = self._stream_expect.pop(env.corr, None)
+            if inc is not None and expect is not None and inc != expect:
+                sink.fail_with(self._fenced(env, expect, sink.actor, sink.method))
+            else:
+                sink.fail_with(error_from_body(env.body, sink.actor, sink.method))
+        elif kind is Kind.ITEM or kind is Kind.END:
             sink = self.streams.get(env.corr)
             if sink is None:
                 node.stats.late_replies += 1
-            else:
-                sink.item(env.body)
-        elif kind is Kind.END:
-            sink = self.streams.pop(env.corr, None)
-            if sink is None:
-                node.stats.late_replies += 1
-            else:
-                sink.end()
-        elif kind is Kind.ERROR:
-            entry = self.calls.pop(env.corr, None)
-            if entry is not None:
-                if not entry[0].done():
-                    entry[0].set_exception(error_from_body(env.body, entry[1], entry[2]))
                 return
-            sink = self.streams.pop(env.corr, None)
-            if sink is not None:
-                sink.fail_with(error_from_body(env.body, sink.actor, sink.method))
+            expect = self._stream_expect.get(env.corr)
+            if inc is not None and expect is not None and inc != expect:
+                del self.streams[env.corr]
+                self._stream_expect.pop(env.corr, None)
+                sink.fail_with(self._fenced(env, expect, sink.actor, sink.method))
+            elif kind is Kind.ITEM:
+                sink.item(env.body)
             else:
-                node.stats.late_replies += 1
+                del self.streams[env.corr]
+                self._stream_expect.pop(env.corr, None)
+                sink.end()
         else:
             node.stats.rejected_frames += 1
             node.log.warning("protocol-reply", "node %s got a %s on a reply path", node.id, kind.name)
 
+    def _fenced(self, env: Envelope, expect: str, actor: str | None, method: str | None) -> BaseException:
+        """The ActorDied for a call whose answer came from another incarnation than the one
+        its request was meant for: the receiver's refusal (it did not run), or a stale reply
+        (counted, never delivered)."""
+        node = self.node
+        body = env.body
+        if env.kind is Kind.ERROR and body[0] == "died":
+            if not self.told and self.incarnation == expect:
+                # What this node guessed from a ref is out of date and nobody told it: the
+                # receiver's word is the best there is for the calls after this one.
+                self.incarnation = env.incarnation
+            return error_from_body(body, actor, method)
+        node.stats.stale_replies += 1
+        return ActorDied(f"{actor}.{method}: the answer came from incarnation {env.incarnation} of {self.endpoint}, "
+                         f"not {expect} that the request was meant for; it was dropped (the call may or may not "
+                         "have run)", actor=actor)
+
     def _on_monitor(self, frames: list[bytes]) -> None:
         event, _value, _ep = _monitor.parse(frames)
         if event == _monitor.CONNECTED:
+            conflict = self._listener_conflict()
+            if conflict is not None:
+                self._conflict(conflict)
+                self.node.loop.call_soon(self._drop_socket)
+                return
             self.connected = True
             self.dead = None
+            if self._held is not None:
+                self._release()
         elif event == _monitor.DISCONNECTED:
             self.connected = False
+            if self._ipc and self._held is None:
+                # libzmq would reconnect on its own and send what it queued before the check
+                # on CONNECTED: hold what is sent from now on, and make a new connection.
+                self._held = deque()
+                self.node.loop.call_soon(self._reopen)
             # Replies sent before the drop are already in the socket's queue: take them
             # first, so only calls that really got no answer fail.
             self.sock.drain_now()
@@ -1004,10 +1261,27 @@ class Peer:
         self.node.loop.call_soon(self._drop_socket)
 
     def _fail_all(self, exc: BaseException) -> None:
+        held = self._held
+        if held:
+            # Held messages never went (the gate stays shut). A call's or a stream's sender
+            # hears why from its call or stream, failed below; anyone else from the send.
+            items = list(held)
+            held.clear()
+            answered = self.calls.keys() | self.streams.keys()
+            for args, sent in items:
+                if args[1] in answered and not sent.done():
+                    sent.set_result(None)
+                else:
+                    _settle(sent, exc)
         calls, self.calls = self.calls, {}
-        for fut, _a, _m in calls.values():
+        for fut, actor, _m, _i in calls.values():
             if not fut.done():
-                fut.set_exception(exc)
+                if isinstance(exc, ActorDied) and type(exc) is ActorDied and exc.actor is None:
+                    # One error per call, naming the actor it was made to.
+                    fut.set_exception(ActorDied(str(exc), actor=actor, exitcode=exc.exitcode))
+                else:
+                    fut.set_exception(exc)
+        self._stream_expect.clear()
         streams, self.streams = self.streams, {}
         for sink in streams.values():
             sink.fail_with(exc)
@@ -1015,15 +1289,25 @@ class Peer:
     # -- requests ------------------------------------------------------------------------
 
     def check_alive(self, actor: str) -> None:
-        if self.dead is not None:
-            raise ActorDied(f"actor {actor!r}: {self.dead}", actor=actor, exitcode=self.dead.exitcode)
+        dead = self.dead
+        if dead is not None:
+            if isinstance(dead, EndpointConflict):
+                raise EndpointConflict(f"actor {actor!r}: {dead}")
+            raise ActorDied(f"actor {actor!r}: {dead}", actor=actor, exitcode=dead.exitcode)
 
     def send(self, kind: Kind, corr: int, target: str | None, method: str | None, deadline: float | None,
              body: Any, opts: int | None = None, ctx: list[Any] | None = None,
              key: str | None = None) -> asyncio.Future[None] | None:
         """Send one message. Returns None when it went, or a future to await: zmq is at its
-        high-water mark, or holds a zero-copy frame, or the message waits for pool room."""
-        args = (kind, corr, target, method, deadline, body, opts, ctx, key)
+        high-water mark, or holds a zero-copy frame, or the message waits for pool room, or
+        for an ipc connection to be made and its listener checked (held here, not in zmq).
+        A request is stamped with the incarnation it is meant for (self.incarnation now)."""
+        expect = self.incarnation if kind is Kind.ASK or kind is Kind.TELL or kind is Kind.STREAM else None
+        if kind is Kind.STREAM and expect is not None:
+            self._stream_expect[corr] = expect
+        args = (kind, corr, target, method, deadline, body, opts, ctx, key, expect)
+        if self._held is not None:
+            return self._hold(args)
         if self._queue is not None:
             return self._queue.push(args, deadline)
         try:
@@ -1032,22 +1316,73 @@ class Peer:
             self._queue = _SendQueue(self.node, self._send_now, self._queue_done)
             return self._queue.push(args, deadline)
 
+    def _hold(self, args: tuple[Any, ...]) -> asyncio.Future[None] | None:
+        held = self._held
+        assert held is not None
+        if args[0] is Kind.CANCEL:
+            # A request still held here is simply not sent: nothing to cancel on the other side.
+            for req, fut in held:
+                if req[1] == args[1] and req[0] is not Kind.CANCEL:
+                    fut.cancel()
+                    return None
+        fut = _HeldSend(loop=self.node.loop)
+        held.append((args, fut))
+        return fut
+
+    def _release(self) -> None:
+        """The connection is made and its listener checked: send what was held, in order
+        (what its sender gave up on, at its deadline or cancelled, does not go)."""
+        held, self._held = self._held, None
+        for args, fut in held or ():
+            if fut.done():
+                continue
+            try:
+                if self._queue is not None:
+                    sent: asyncio.Future[None] | None = self._queue.push(args, args[4])
+                else:
+                    try:
+                        sent = self._send_now(*args)
+                    except PoolBusy:
+                        self._queue = _SendQueue(self.node, self._send_now, self._queue_done)
+                        sent = self._queue.push(args, args[4])
+            except Exception as exc:  # noqa: BLE001 - e.g. the body cannot travel: its sender hears it
+                _settle(fut, exc)
+                continue
+            if sent is None:
+                fut.set_result(None)
+            else:
+                _follow(sent, fut)
+
     def _queue_done(self) -> None:
         self._queue = None
 
     async def wait_sent(self, sent: asyncio.Future[None], deadline: float | None, label: str) -> None:
         """Await what send returned. A message waiting for pool room is failed by its queue at
         the deadline, with PoolExhausted (it did not run); anything else is bounded here."""
-        if self._queue is not None and self._queue.owns(sent):
+        if type(sent) is _HeldSend:
+            await self._wait_held(sent, deadline, label)
+        elif self._queue is not None and self._queue.owns(sent):
             await sent
         else:
             await wait_room(sent, deadline, label)
 
+    async def _wait_held(self, sent: asyncio.Future[None], deadline: float | None, label: str) -> None:
+        if deadline is None:
+            await sent
+            return
+        try:
+            await wait_until(sent, deadline)
+        except asyncio.TimeoutError as exc:
+            # wait_until cancelled it: if it was still held, it never goes.
+            raise Overloaded(f"{label}: the connection to {self.endpoint} was not made and checked (or the "
+                             "message not taken) before the deadline; the message was not run (it is safe "
+                             "to retry)") from exc
+
     def _send_now(self, kind: Kind, corr: int, target: str | None, method: str | None, deadline: float | None,
                   body: Any, opts: int | None = None, ctx: list[Any] | None = None,
-                  key: str | None = None) -> asyncio.Future[None] | None:
+                  key: str | None = None, expect: str | None = None) -> asyncio.Future[None] | None:
         node = self.node
         node.tensors.dest = self.dest
-        frames = node.codec.encode(kind, corr, node.id, target, method, deadline, body, opts, None, ctx, key)
+        frames = node.codec.encode(kind, corr, node.id, target, method, deadline, body, opts, None, ctx, key, expect)
         node.stats.sent += 1
         return self.sock.send(frames)

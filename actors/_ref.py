@@ -122,8 +122,8 @@ class ActorRef:
                 # Nobody waits for the answer any more: stop the work (and what it called).
                 cell.cancel(msg)
                 raise
-        return await node.call(node.peer(self.endpoint, self.pid, self.host), self.name, method, args,
-                               kwargs or None, deadline=deadline, ctx=ctx, key=key)
+        peer = node.peer(self.endpoint, self.pid, self.host, self.incarnation)
+        return await node.call(peer, self.name, method, args, kwargs or None, deadline=deadline, ctx=ctx, key=key)
 
     async def _ask_retrying(self, node: Node, method: str, args: Any, kwargs: dict[str, Any],
                             deadline: float | None, ctx: list[Any] | None, retries: int, key: str | None) -> Any:
@@ -165,7 +165,7 @@ class ActorRef:
             if not cell.offer(msg):
                 await wait_room(cell.put(msg), deadline, f"{self.name}.{method}")
             return
-        peer = node.peer(self.endpoint, self.pid, self.host)
+        peer = node.peer(self.endpoint, self.pid, self.host, self.incarnation)
         peer.check_alive(self.name)
         sent = peer.send(Kind.TELL, next(node.corr), self.name, method, deadline, [list(args), kwargs or None],
                          ctx=ctx)
@@ -204,7 +204,7 @@ class ActorRef:
             def cancel() -> None:
                 cell.cancel(msg)
         else:
-            peer = node.peer(self.endpoint, self.pid, self.host)
+            peer = node.peer(self.endpoint, self.pid, self.host, self.incarnation)
             peer.check_alive(self.name)
             corr = next(node.corr)
             sink = StreamSink(self.name, method)
@@ -219,7 +219,7 @@ class ActorRef:
                     peer.send(Kind.CREDIT, corr, self.name, None, None, None, n)
 
             def cancel() -> None:
-                if peer.streams.pop(corr, None) is not None and not peer.sock.closed:
+                if peer.forget_stream(corr) is not None and not peer.sock.closed:
                     peer.send(Kind.CANCEL, corr, self.name, None, None, None)
 
         taken = 0

@@ -100,7 +100,8 @@ class Supervisor(Actor):
         return self._system._children_of(self._state)
 
     async def events(self) -> list[dict[str, Any]]:
-        """What happened, oldest first: start, stop, exit (with the reason), restart, escalate."""
+        """What happened, oldest first: start, stop, exit (with the reason and, for a process, its
+        exit status), restart, escalate."""
         return list(self._state.events)
 
     async def status(self) -> dict[str, Any]:

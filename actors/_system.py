@@ -10,20 +10,21 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from ..transport._endpoints import IpcDirectory, check_ipc_base, ipc_path
-from ..transport._wire import DEFAULT_MAX_HEADER_BYTES
+from ..transport._wire import DEFAULT_MAX_CONTAINERS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from ..transport._errors import ConfigurationError
 from ..transport._shm import sweep_dead_segments
 from ..transport._tensors import DEFAULT_INLINE_MAX, TensorOptions
 from ..transport._wire import Kind
 from ._actor import Actor
 from ._cell import ActorCell
+from ._child import EXIT_MEMORY_ERROR, normalize_rlimits
 from ._errors import ActorDied, ActorInitFailed, ActorNotFound, CascadaError, RestartIntensityExceeded, SystemClosed
 from ._heartbeat import HeartbeatMonitor
-from ._node import Node, NodeConfig
+from ._node import Node, NodeConfig, wait_until
 from ._ref import ActorRef, current_node
 from ._spawner import Spawner, pickle_spec
 from ._supervision import RestartType, Strategy, Supervisor, SupervisorState, check_restart
@@ -35,6 +36,7 @@ CudaCrossHost = Literal["copy", "error"]
 _LOOPBACK = ("127.", "::1", "localhost")
 _PLACEMENTS = ("process", "local")
 _NAME = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+ANNOUNCE_TIMEOUT = 1.0  # seconds a restart waits for the other nodes to hear of it
 
 
 class _Child:
@@ -50,10 +52,10 @@ class _Child:
 class _Spec:
     """How to start an actor again: what the supervisor needs to restart it."""
 
-    __slots__ = ("cls", "args", "kwargs", "placement", "restart", "supervisor", "blob", "endpoint")
+    __slots__ = ("cls", "args", "kwargs", "placement", "restart", "supervisor", "blob", "endpoint", "rlimits")
 
     def __init__(self, cls: type[Actor], args: tuple[Any, ...], kwargs: dict[str, Any], placement: Placement,
-                 restart: RestartType, supervisor: str) -> None:
+                 restart: RestartType, supervisor: str, rlimits: dict[str, list[int]] | None = None) -> None:
         self.cls = cls
         self.args = args
         self.kwargs = kwargs
@@ -62,6 +64,7 @@ class _Spec:
         self.supervisor = supervisor
         self.blob: bytes | None = None  # the pickled class and arguments, for a process actor
         self.endpoint: str | None = None  # where it listens: a restart binds the same one
+        self.rlimits = rlimits or {}  # resource limits of its process, set again on every restart
 
 
 def describe_exit(code: int) -> str:
@@ -70,6 +73,8 @@ def describe_exit(code: int) -> str:
             return f"killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"killed by signal {-code}"
+    if code == EXIT_MEMORY_ERROR:
+        return f"exited with code {code} (MemoryError: a handler ran out of memory under the process's rlimits)"
     return f"exited with code {code}"
 
 
@@ -94,8 +99,9 @@ class ActorSystem:
     - ``transport``: ``"ipc"`` (default; unix sockets in that private directory) or ``"tcp"``
       (each node listens on ``tcp_host`` at a free port). Until CurveZMQ authentication
       lands, tcp is limited to loopback addresses.
-    - ``stream_window``, ``hwm``, ``max_header_bytes``, ``max_frames``, ``max_frame_bytes``:
-      flow-control and wire limits (see README).
+    - ``stream_window``, ``hwm``, ``max_header_bytes``, ``max_frames``, ``max_frame_bytes``,
+      ``max_message_bytes``, ``max_header_containers``: flow-control and wire limits (see
+      README, and NodeConfig for what each bounds).
     - Tensors (torch, numpy, cupy) travel out of band, by one of three paths chosen per
       tensor (see README, "Tensors"):
       ``tensor_inline_max``: below this many bytes, or to another host, a tensor travels as a
@@ -136,6 +142,8 @@ class ActorSystem:
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_frames: int = 1024,
         max_frame_bytes: int = 1 << 30,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_header_containers: int = DEFAULT_MAX_CONTAINERS,
         tensor_inline_max: int = DEFAULT_INLINE_MAX,
         shm_pool_bytes: int = 1 << 30,
         shm_on_exhausted: OnExhausted = "wait",
@@ -153,7 +161,8 @@ class ActorSystem:
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ConfigurationError(f"{key} must be a positive number of seconds, got {value!r}")
         self.config = NodeConfig(hwm=hwm, max_header_bytes=max_header_bytes, max_frames=max_frames,
-                                 max_frame_bytes=max_frame_bytes, mailbox_size=mailbox_size,
+                                 max_frame_bytes=max_frame_bytes, max_message_bytes=max_message_bytes,
+                                 max_header_containers=max_header_containers, mailbox_size=mailbox_size,
                                  mailbox_bytes=mailbox_bytes,
                                  stream_window=stream_window, default_timeout=default_timeout,
                                  tensors=TensorOptions(inline_max=tensor_inline_max, shm_pool_bytes=shm_pool_bytes,
@@ -179,6 +188,7 @@ class ActorSystem:
         self._spawner: Spawner | None = None
         self._order: list[str] = []
         self._refs: dict[str, ActorRef] = {}
+        self._up_at: dict[str, float] = {}  # when a restarted actor came up (see _start_again)
         self._starting: set[str] = set()  # names reserved while their actor starts
         self._children: dict[str, _Child] = {}
         self._by_pid: dict[int, str] = {}
@@ -315,7 +325,8 @@ class ActorSystem:
 
     async def spawn(self, cls: type[Actor], /, *args: Any, name: str | None = None,
                     placement: Placement = "process", supervisor: ActorRef | None = None,
-                    restart: RestartType = "temporary", **kwargs: Any) -> ActorRef:
+                    restart: RestartType = "temporary",
+                    rlimits: Mapping[str, int | tuple[int, int]] | None = None, **kwargs: Any) -> ActorRef:
         """Start an actor and return its ref once it is ready (``on_start`` has run).
 
         ``placement="process"`` runs it in its own OS process; ``"local"`` in this process
@@ -326,9 +337,17 @@ class ActorSystem:
         ``restart`` (``"permanent"``: restarted after any exit; ``"transient"``: only after an
         abnormal one; ``"temporary"``: never) say what happens when it dies. A restarted
         actor is a new incarnation on the same address: refs keep working for new calls,
-        calls pending on the old one fail with ActorDied."""
+        calls pending on the old one fail with ActorDied.
+
+        ``rlimits`` (process actors only) sets resource limits of the actor's process, as
+        ``resource.setrlimit`` does, before its constructor runs and again on every restart:
+        ``{"AS": 2 << 30}`` (names of ``resource.RLIMIT_*``; an int for soft and hard alike,
+        or a ``(soft, hard)`` pair). Under a memory limit (``AS`` or ``DATA``) a handler that
+        raises MemoryError ends its process (its calls in flight fail with ActorDied) and the
+        supervisor sees an abnormal exit whose reason names the MemoryError."""
         node = self.node
         restart = check_restart(restart)
+        limits = normalize_rlimits(rlimits)
         sup = self._sup_for(supervisor)
         if self._closing:
             raise SystemClosed("the ActorSystem is shutting down; no more actors can be spawned")
@@ -336,6 +355,8 @@ class ActorSystem:
             raise ConfigurationError(f"spawn needs a subclass of cascada.Actor, got {cls!r}")
         if placement not in _PLACEMENTS:
             raise ConfigurationError(f"placement must be one of {_PLACEMENTS}, got {placement!r}")
+        if limits and placement != "process":
+            raise ConfigurationError("rlimits are limits of an actor's own process: spawn it with placement='process'")
         if name is None:
             self._count += 1
             name = f"{cls.__name__.lower()}-{self._count}"
@@ -346,7 +367,7 @@ class ActorSystem:
             raise ConfigurationError(f"actor name {name!r} must be 1-128 characters of letters, digits, _ . : -")
         if name in self._refs or name in self._starting:
             raise ConfigurationError(f"an actor named {name!r} already exists in this system")
-        spec = _Spec(cls, args, kwargs, placement, restart, sup.name)
+        spec = _Spec(cls, args, kwargs, placement, restart, sup.name, limits)
         self._starting.add(name)
         try:
             ref = await self._start(node, name, spec)
@@ -447,6 +468,9 @@ class ActorSystem:
             "endpoint": endpoint, "parent": node.endpoint, "parent_pid": node.pid,
             "token": token, "config": self.config.to_dict(),
             "heartbeat": None if self._hb is None else [self._hb.path, self._hb.interval],
+            "rlimits": spec.rlimits or None,
+            # Actors restarted so far: a ref made before a restart reaches the incarnation now there.
+            "moved": [[ep, pid_, inc] for ep, (pid_, inc) in node.endpoint_pids.items()],
         }
         ready: asyncio.Future[Any] = node.loop.create_future()
         self._pending_spawns[token] = (ready, name)
@@ -541,7 +565,7 @@ class ActorSystem:
                 self._spawner.forget(pid)
         if not child.stopping and not self._closing and name in self._specs:
             abnormal = code != 0 or pid in self._dead_pids_silent
-            self._node.tasks.spawn(self._child_failed(name, f"pid {pid} {why}", abnormal),
+            self._node.tasks.spawn(self._child_failed(name, f"pid {pid} {why}", abnormal, code),
                                    name=f"supervise {name}")
 
     def _on_silent(self, pid: int, quiet: float) -> None:
@@ -628,7 +652,12 @@ class ActorSystem:
                     # calls retry), not ActorNotFound.
                     node.tombstones[name] = ActorDied(
                         f"actor {name!r} was stopped by its supervisor to be restarted", actor=name)
-                await cell.stop()
+                try:
+                    await wait_until(cell.stop(), time.time() + self._stop_timeout)
+                except asyncio.TimeoutError:
+                    # A handler that does not finish: the local equivalent of SIGKILL after
+                    # the grace period (what it still holds fails with ActorDied).
+                    cell.crash(f"did not stop within stop_timeout={self._stop_timeout:g}s and was torn down")
             return
         child_proc.stopping = True
         ref = child_proc.ref
@@ -672,12 +701,12 @@ class ActorSystem:
 
     # -- supervision -------------------------------------------------------------------------
 
-    async def _child_failed(self, name: str, why: str, abnormal: bool) -> None:
+    async def _child_failed(self, name: str, why: str, abnormal: bool, code: int | None = None) -> None:
         spec = self._specs.get(name)
         if spec is None or self._closing:
             return
         sup = self._sups[spec.supervisor]
-        sup.event("exit", name, reason=why, abnormal=abnormal)
+        sup.event("exit", name, reason=why, abnormal=abnormal, code=code)
         if spec.restart == "temporary" or (spec.restart == "transient" and not abnormal):
             died = ActorDied(f"actor {name!r} {why}; it is {spec.restart} and was not restarted", actor=name)
             self.node.tombstones[name] = died
@@ -726,8 +755,10 @@ class ActorSystem:
                         failed = child  # counts against the intensity too
                         break
                     ref = self._refs.get(child)
+                    # t: when the new incarnation was up (before the other nodes were told)
                     sup.event("restart", child, pid=None if ref is None else ref.pid,
-                              incarnation=None if ref is None else ref.incarnation)
+                              incarnation=None if ref is None else ref.incarnation,
+                              t=self._up_at.pop(child, time.monotonic()))
             await asyncio.sleep(0)  # let the loop run between attempts
 
     async def _start_again(self, name: str) -> None:
@@ -741,22 +772,33 @@ class ActorSystem:
             return
         spec = self._specs[name]
         ref = await self._start(node, name, spec)
+        self._up_at[name] = time.monotonic()
+        if spec.placement == "process":
+            # The other nodes first, this one (and the listing) once they have it: whoever
+            # sees the restart can reach the new incarnation through any actor.
+            await self._announce(ref)
+            node.update_peer(ref.endpoint, ref.pid, ref.incarnation)
         self._refs[name] = ref
         node.tombstones.pop(name, None)
-        if spec.placement == "process":
-            self._announce(ref)
 
-    def _announce(self, ref: ActorRef) -> None:
-        """A new incarnation listens where the old one did: tell every node that talks to it."""
+    async def _announce(self, ref: ActorRef) -> None:
+        """A new incarnation listens where the old one did: tell every node that talks to it,
+        and wait (up to ANNOUNCE_TIMEOUT) until they have applied it, so that once a restart
+        is reported, a call through any other actor reaches the new incarnation instead of
+        being refused as meant for the old one."""
         node = self.node
-        node.update_peer(ref.endpoint, ref.pid, ref.incarnation)
-        body = [[ref.endpoint, ref.pid, ref.incarnation], None]
+        args = [ref.endpoint, ref.pid, ref.incarnation]
+        calls = []
         for other in list(self._children.values()):
             if other.ref.endpoint == ref.endpoint or other.exited.done() or other.stopping:
                 continue
             peer = node.peer(other.ref.endpoint, other.pid, other.ref.host)
             if peer.dead is None:
-                peer.send(Kind.TELL, next(node.corr), None, "peer.update", None, body)
+                calls.append(node.call(peer, None, "peer.update", args, timeout=ANNOUNCE_TIMEOUT))
+        if calls:
+            # A node that does not answer in time is stopped or dying: its own liveness
+            # check deals with it, and it learns of the restart from its first refused call.
+            await asyncio.gather(*calls, return_exceptions=True)
 
     async def _escalate(self, sup: SupervisorState, err: RestartIntensityExceeded) -> None:
         node = self.node

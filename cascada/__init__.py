@@ -30,6 +30,7 @@ from .actors import ConfigurationError as ConfigurationError
 from .actors import Context as Context
 from .actors import CudaCrossHost as CudaCrossHost
 from .actors import DeadlineExceeded as DeadlineExceeded
+from .actors import EndpointConflict as EndpointConflict
 from .actors import HandleNotPortable as HandleNotPortable
 from .actors import OnExhausted as OnExhausted
 from .actors import Overloaded as Overloaded
@@ -92,6 +93,7 @@ __all__ = [
     "Context",
     "CudaCrossHost",
     "DeadlineExceeded",
+    "EndpointConflict",
     "FanOut",
     "Flow",
     "FlowDepthExceeded",

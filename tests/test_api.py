@@ -16,7 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 EXPECTED = {
     "Actor", "ActorDied", "ActorInitFailed", "ActorNotFound", "ActorRef", "ActorSystem", "CascadaError",
-    "ConfigurationError", "CudaCrossHost", "DeadlineExceeded", "HandleNotPortable", "OnExhausted", "Placement",
+    "ConfigurationError", "CudaCrossHost", "DeadlineExceeded", "EndpointConflict", "HandleNotPortable", "OnExhausted", "Placement",
     "PoolExhausted", "ProtocolError", "RemoteError", "SerializationError", "SystemClosed", "TensorLost",
     "TensorPath", "Transport", "TransportClosed", "concurrent", "empty", "run", "via", "Context", "context",
     "current_context", "Overloaded", "RestartIntensityExceeded", "RestartType", "Strategy", "Supervisor", "idempotent", "WrongThread",
@@ -33,7 +33,7 @@ def test_all_is_explicit_and_complete() -> None:
 def test_error_tree() -> None:
     for name in ("ActorDied", "ActorInitFailed", "ActorNotFound", "ConfigurationError", "DeadlineExceeded",
                  "ProtocolError", "RemoteError", "SerializationError", "SystemClosed", "TransportClosed",
-                 "TensorLost", "PoolExhausted", "HandleNotPortable"):
+                 "TensorLost", "PoolExhausted", "HandleNotPortable", "EndpointConflict"):
         assert issubclass(getattr(cascada, name), cascada.CascadaError)
     assert issubclass(cascada.DeadlineExceeded, TimeoutError)
     assert issubclass(cascada.ActorNotFound, LookupError)

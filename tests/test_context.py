@@ -214,8 +214,10 @@ async def test_leaving_a_live_stream_cancels_the_calls_it_waits_on(placement: ca
                     break
         assert got == [0, 1]
 
+        # The nested call is cancelled where it is: running on hop1, or (a fresh connection is
+        # checked before anything goes on it) not sent at all.
         async def cancelled() -> bool:
-            return (await refs[0].ask("counts")) == [1, 1] and (await refs[1].ask("counts")) == [1, 1]
+            return (await refs[0].ask("counts")) == [1, 1] and (await refs[1].ask("counts")) in ([1, 1], [0, 0])
 
         await _until(cancelled, timeout=10.0)
 

@@ -160,14 +160,46 @@ async def test_pending_calls_fail_with_actor_died_and_new_calls_reach_the_new_in
 
         await _until(back)
         assert system.lookup("w").pid != old and system.lookup("w").incarnation != ref.incarnation
-        # Fencing: a reply stamped with the replaced incarnation is dropped and counted.
+        # Fencing: a reply from another incarnation than the one its request was meant for is
+        # dropped and counted, and its call fails with ActorDied at once (no other answer comes).
         peer = system.node.peers[ref.endpoint]
         assert peer.incarnation == system.lookup("w").incarnation
         fut = asyncio.get_running_loop().create_future()
-        peer.calls[10**9] = (fut, "w", "add")
+        peer.calls[10**9] = (fut, "w", "add", peer.incarnation)
         peer._on_reply_env(Envelope(Kind.REPLY, 10**9, None, None, None, None, 42, None, ref.incarnation))
-        assert not fut.done() and system.node.stats.stale_replies == 1
-        peer.calls.pop(10**9)
+        assert fut.done() and isinstance(fut.exception(), cascada.ActorDied)
+        assert system.node.stats.stale_replies == 1 and 10**9 not in peer.calls
+        # ... but a reply from the incarnation its request was meant for is its answer, even
+        # after the peer heard of a later one.
+        fut = asyncio.get_running_loop().create_future()
+        peer.calls[10**9] = (fut, "w", "add", ref.incarnation)
+        peer._on_reply_env(Envelope(Kind.REPLY, 10**9, None, None, None, None, 42, None, ref.incarnation))
+        assert fut.result() == 42 and system.node.stats.stale_replies == 1
+
+
+async def test_a_request_meant_for_another_incarnation_is_refused_unrun() -> None:
+    """Each request carries the incarnation its sender means it for; a process hosting another
+    one refuses it (ActorDied, it did not run; a tell is dropped), and a sender that only
+    guessed the incarnation from a ref takes the receiver's word for the next call."""
+    async with cascada.ActorSystem(heartbeat_interval=None) as system:
+        ref = await system.spawn(Worker, name="w")
+        assert await ref.ask("add", 1) == 1
+        peer = system.node.peers[ref.endpoint]
+        assert peer.incarnation == ref.incarnation and not peer.told  # seeded from the ref
+        peer.incarnation = "0ld1nc"  # as if the ref predated a restart nobody told us of
+        await ref.tell("add", 100)  # dropped by the receiver, not run
+        with pytest.raises(cascada.ActorDied, match="did not run"):
+            await ref.ask("add", 10)
+        assert peer.incarnation == ref.incarnation  # the refusal named the incarnation there now
+        assert await ref.ask("add", 1) == 2  # neither the tell nor the refused ask ran
+        assert (await system.stats(ref))["node"]["fenced_requests"] == 2
+        # Told by the system (update_peer), a peer does not take a refusal's word for it.
+        peer.incarnation, peer.told = "0ld1nc", True
+        with pytest.raises(cascada.ActorDied, match="did not run"):
+            await ref.ask("add", 10)
+        assert peer.incarnation == "0ld1nc"
+        system.node.update_peer(ref.endpoint, ref.pid, ref.incarnation)
+        assert await ref.ask("add", 1) == 3
 
 
 async def test_a_crash_loop_hits_the_intensity_and_escalates(tmp_path: Any) -> None:

@@ -167,7 +167,9 @@ async def test_batching_coalesces_a_tick_and_keeps_order() -> None:
         for i in range(1000):  # one tick: no await in between
             pending = d.send(codec.encode(Kind.TELL, i, "s", "t", "m", None, [[i], None]))
             assert pending is None
-        big = codec.encode(Kind.TELL, 1000, "s", "t", "m", None, [[1000], None]) + [b"x" * 100_000]
+        # A second, empty frame (as a message of leased tensors carries): a non-empty frame
+        # that no tensor descriptor refers to would be refused.
+        big = codec.encode(Kind.TELL, 1000, "s", "t", "m", None, [[1000], None]) + [b""]
         await (d.send(big) or asyncio.sleep(0))  # a multi-frame message flushes the batch first
         try:
             await wait_for(lambda: len(got) == 1001)

@@ -192,7 +192,7 @@ def claim_ipc_path(path: str) -> None:
         pass
 
 
-def check_ipc_listener(endpoint: str, pid: int) -> None:
+def check_ipc_listener(endpoint: str, pid: int, timeout: float = 1.0) -> None:
     """Raise EndpointConflict unless the process listening on ``endpoint`` is ``pid``, for an
     ipc endpoint on this host (other transports pass unchecked).
 
@@ -203,7 +203,7 @@ def check_ipc_listener(endpoint: str, pid: int) -> None:
     path = ipc_path(endpoint)
     if path is None:
         return
-    found = listener_pid(path)
+    found = listener_pid(path, timeout)
     if found is not None and found != pid:
         raise EndpointConflict(
             f"{endpoint} is held by process {found}, not by process {pid} that the ref names: "
