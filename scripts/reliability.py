@@ -5,7 +5,7 @@ the format of shared RELIABILITY.md part (c).
     .venv/bin/python scripts/reliability.py                    # every fast scenario
     .venv/bin/python scripts/reliability.py --only R01,R06     # a selection
     .venv/bin/python scripts/reliability.py --out runs.jsonl   # also write the records there
-    .venv/bin/python scripts/reliability.py --soak             # add R14 at 60 s (1 KiB, 1 MiB)
+    .venv/bin/python scripts/reliability.py --soak             # add R14 at 60 s (1 KiB, 1 MiB), R02 at full size
 
 The scenario bodies are those of tests/reliability (reliability/scenarios.py), so pytest and
 this script measure the same thing. Each record carries the expectations it broke
@@ -78,6 +78,9 @@ def runs(soak: bool) -> list[Run]:
     out.append(("R21", "size bombs", W.r21_size_bombs, 90))
     out.append(("R21", "amplification, 128 KiB cap", partial(W.r21_amplification, max_header_bytes=128 << 10), 60))
     out.append(("R21", "amplification, default cap", W.r21_amplification, 60))
+    out.append(("R21", "scalar amplification, default cap", W.r21_scalar_amplification, 60))
+    out.append(("R21", "every header bomb, 256 KiB cap",
+                partial(W.r21_scalar_amplification, max_header_bytes=256 << 10, bound_mib=W.BOMB_BOUND_MIB), 60))
     out.append(("R21", "unreferenced frames", W.r21_multipart_total_bytes, 60))
     out.append(("R22", "hostile envelopes", W.r22_hostile_envelopes, 60))
     out.append(("R22", "descriptor property", partial(W.r22_descriptor_property, max_examples=1000 if soak else 150), 300))
@@ -85,8 +88,18 @@ def runs(soak: bool) -> list[Run]:
     # the pytest xfails (strict ones are known runtime bugs) are reported here as they are.
     for n in (1, 10, 100):
         out.append(("R01", f"in_flight={n}, one_for_one restart", partial(SUP.r01_kill9_with_restart, n), 60))
+    for n in (1, 10, 100):
+        out.append(("R01", f"in_flight={n}, RLIMIT_AS 1 GiB, MemoryError", partial(SUP.r01_memory_limit, n), 60))
+    out.append(("R02", "4 kills, 300 keyed requests", partial(SUP.r02_repeated_kills, 300, 4), 120))
+    if soak:
+        out.append(("R02", "full size: 20 kills, 2000 keyed requests", partial(SUP.r02_repeated_kills, 2000, 20), 600))
     for placement in ("local", "process"):
         out.append(("R03", f"crash loop, {placement}", partial(SUP.r03_crash_loop, placement), 60))
+    for placement in ("local", "process"):
+        out.append(("R03", f"crash on the first message, {placement}",
+                    partial(SUP.r03_first_message_loop, placement), 60))
+        out.append(("R03", f"shutdown during a first-message crash loop, {placement}",
+                    partial(SUP.r03_first_message_shutdown, placement), 60))
     out.append(("R03", "shutdown during the loop, process", partial(SUP.r03_shutdown_during_loop, "process"), 60))
     out.append(("R03", "shutdown during the loop, local",
                 partial(SUP.r03_shutdown_during_loop, "local", delay=0.002), 60))
@@ -104,6 +117,9 @@ def runs(soak: bool) -> list[Run]:
                     partial(SUP.r07_false_positives, fp_s, interval=interval, liveness=liveness), fp_s + 120))
     out.append(("R08", "time.sleep(10), heartbeats on", SUP.r08_blocked_loop, 60))
     out.append(("R08", "time.sleep(10), heartbeats off", partial(SUP.r08_blocked_loop, heartbeats=False), 60))
+    out.append(("R08", "GIL held in a C call (~10s), heartbeats on", partial(SUP.r08_blocked_loop, how="gil"), 60))
+    out.append(("R08", "GIL held in a C call (~10s), heartbeats off",
+                partial(SUP.r08_blocked_loop, heartbeats=False, how="gil"), 60))
     for transport in ("ipc", "tcp"):
         out.append(("R13", f"10 restarts, {transport}", partial(SUP.r13_restarts_same_endpoint, transport), 120))
         out.append(("R13", f"dropping reconnecting peers, {transport}",
@@ -162,7 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help="comma-separated scenario ids, e.g. R01,R06")
     parser.add_argument("--out", help="also write the JSON records (one per line) to this file")
-    parser.add_argument("--soak", action="store_true", help="add the 60 s R14 runs")
+    parser.add_argument("--soak", action="store_true", help="add the 60 s R14 runs and R02 at full size")
     args = parser.parse_args()
     sys.exit(cascada.run(main_async(args)))
 

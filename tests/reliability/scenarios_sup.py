@@ -1,7 +1,9 @@
 """Supervision and liveness scenarios of RELIABILITY.md part (b): R01 with a supervisor that
-restarts, R03 (crash loop and escalation), R04 (strategy x restart type x exit kind), R07
-(SIGSTOP and SIGCONT: detection, fencing, false positives), R08 (a blocked event loop) and
-R13 (restarts on the same endpoint). Like reliability/scenarios.py, each scenario is a
+restarts (after SIGKILL, and after MemoryError under an RLIMIT_AS), R02 (repeated kills with
+at-least-once calls and idempotency keys), R03 (crash loop and escalation, failing in
+__init__ or on the first message), R04 (strategy x restart type x exit kind), R07 (SIGSTOP
+and SIGCONT: detection, fencing, false positives), R08 (a blocked event loop: time.sleep, or
+the GIL held in a C call) and R13 (restarts on the same endpoint). Like reliability/scenarios.py, each scenario is a
 coroutine that runs the fault, checks what the contract expects and returns an
 :class:`Outcome` (its part (c) record and the expectations it broke);
 tests/reliability/test_scenarios_sup.py asserts there are none and scripts/reliability.py
@@ -34,6 +36,7 @@ outcome, one hop up, and the records count it as "ActorDied via <stage>".
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import itertools
 import os
@@ -58,6 +61,7 @@ from reliability.harness import (
     Outcome,
     Resources,
     check_set,
+    descendants,
     fd_count,
     fd_targets,
     latency_summary,
@@ -109,6 +113,10 @@ class Registry(cascada.Actor):
 
     async def since(self, t: float) -> list[list[Any]]:
         return sorted((e for e in self.entries if e[3] >= t), key=lambda e: e[3])
+
+    async def kill(self, name: str) -> None:
+        """Crash a (local) actor of the system, as system.kill does (R03, first message)."""
+        await self._system.kill(self._system.lookup(name))
 
 
 class Stage(cascada.Actor):
@@ -166,6 +174,47 @@ class Stage(cascada.Actor):
         time.sleep(seconds)
         return "woke"
 
+    def stall_gil(self, seconds: float) -> list[Any]:
+        """Block the event loop in one C call that holds the GIL for about ``seconds`` (R08's
+        other variant): ``deque(repeat(None, n), maxlen=0)`` runs entirely in C and never
+        reaches the interpreter's eval loop, so no other Python thread runs meanwhile either.
+        A Python thread ticking every 5 ms proves it: its longest gap between ticks is about
+        the whole call. Answers ``["woke", seconds held, the ticker's longest gap]``."""
+        n = int(seconds * _c_loop_rate())
+        gap = [0.0]
+        stop = threading.Event()
+
+        def tick() -> None:
+            last = time.monotonic()
+            while not stop.is_set():
+                time.sleep(0.005)
+                now = time.monotonic()
+                gap[0] = max(gap[0], now - last)
+                last = now
+
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        time.sleep(0.05)  # the ticker is ticking (time.sleep lets go of the GIL)
+        t0 = time.monotonic()
+        collections.deque(itertools.repeat(None, n), maxlen=0)
+        held = time.monotonic() - t0
+        stop.set()
+        ticker.join()
+        return ["woke", held, gap[0]]
+
+
+_C_RATE: list[float] = []
+
+
+def _c_loop_rate() -> float:
+    """Items per second of ``deque(repeat(None, n), maxlen=0)`` here (measured once)."""
+    if not _C_RATE:
+        n = 20_000_000
+        t0 = time.perf_counter()
+        collections.deque(itertools.repeat(None, n), maxlen=0)
+        _C_RATE.append(n / max(1e-6, time.perf_counter() - t0))
+    return _C_RATE[0]
+
 
 class CrashLoop(Stage):
     """Starts once; every later start raises in the constructor (R03), after ``delay``
@@ -180,6 +229,72 @@ class CrashLoop(Stage):
         with open(marker, "w"):
             pass
         super().__init__(nxt, registry)
+
+
+class FirstMessageCrash(Stage):
+    """Starts and serves once; every later incarnation starts fine and crashes on the first
+    message it gets (R03's other variant: not in __init__, so each restart succeeds and the
+    next message ends it). In its own process it ends the process (exit status 70, as a
+    fatal error in a handler would); colocated (in the driver's process, ``driver_pid``) it
+    has the registry kill it (system.kill: a crash of a local actor). The marker is a file,
+    so both placements behave alike."""
+
+    def __init__(self, marker: str, driver_pid: int, nxt: str | None = None,
+                 registry: cascada.ActorRef | None = None) -> None:
+        self.doomed = os.path.exists(marker)
+        if not self.doomed:
+            with open(marker, "w"):
+                pass
+        self.driver_pid = driver_pid
+        super().__init__(nxt, registry)
+
+    async def _crash_if_doomed(self) -> None:
+        if not self.doomed:
+            return
+        if os.getpid() != self.driver_pid:
+            os._exit(70)
+        assert self.registry is not None
+        # Killed from outside while this handler waits, as a SIGKILL would. Not by an ask:
+        # a kill that completes inside this handler's own step lets it answer after it
+        # (test_scenarios_sup.py, LOCAL_SELF_KILL_ANSWERS).
+        await self.registry.tell("kill", self.name)
+        await asyncio.sleep(0.5)  # cancelled by the kill
+        raise RuntimeError("decoder crash: the kill did not come")  # the system is closing
+
+    @cascada.concurrent
+    async def handle(self, req: Any, hold: str | None = None, seconds: float = 0.0) -> list[Any]:
+        await self._crash_if_doomed()
+        return await super().handle(req, hold, seconds)
+
+    @cascada.concurrent
+    async def whoami(self) -> list[Any]:
+        await self._crash_if_doomed()
+        return self._me()
+
+
+class Hoarder(Stage):
+    """The expert of R01's memory variant: ``hoard`` keeps every block it allocates (a leak)
+    until its process's memory limit refuses one (MemoryError). numpy.empty reserves address
+    space without touching it, so the limit is reached at once and costs no real memory."""
+
+    def __init__(self, nxt: str | None = None, registry: cascada.ActorRef | None = None) -> None:
+        super().__init__(nxt, registry)
+        self.kept: list[Any] = []
+
+    @cascada.concurrent
+    async def limits(self) -> dict[str, Any]:
+        """RLIMIT_AS of this process (soft, hard) and its address space now, in bytes."""
+        with open("/proc/self/status") as f:
+            vm = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:")), None)
+        return {"as": list(resource.getrlimit(resource.RLIMIT_AS)), "vm_bytes": vm, "pid": os.getpid()}
+
+    def hoard(self, block: int) -> int:
+        import numpy as np
+
+        while True:
+            self.kept.append(np.empty(block, dtype=np.uint8))
+            if len(self.kept) > 1_000_000:  # no limit after all: do not spin forever
+                return len(self.kept)
 
 
 class Burner(cascada.Actor):
@@ -308,17 +423,24 @@ def first(evs: Sequence[dict[str, Any]], what: str, child: str | None = None) ->
 async def spawn_chain(system: cascada.ActorSystem, sup: cascada.ActorRef, registry: cascada.ActorRef, *,
                       suffix: str = "", restart: dict[str, str] | str = "permanent",
                       placement: cascada.Placement = "process",
-                      decoder: tuple[type[Stage], tuple[Any, ...]] | None = None) -> dict[str, cascada.ActorRef]:
+                      decoder: tuple[type[Stage], tuple[Any, ...]] | None = None,
+                      roles: dict[str, tuple[type[Stage], tuple[Any, ...]]] | None = None,
+                      spawn_opts: dict[str, dict[str, Any]] | None = None) -> dict[str, cascada.ActorRef]:
     """router -> expert -> decoder -> verifier under sup, started in that order; names are
     the roles plus ``suffix``. ``restart`` is one type for all or a type per role;
-    ``decoder`` replaces the decoder's class and leading constructor arguments."""
+    ``decoder`` replaces the decoder's class and leading constructor arguments, ``roles``
+    any role's; ``spawn_opts`` adds spawn keywords per role (``rlimits``)."""
     refs: dict[str, cascada.ActorRef] = {}
+    classes = dict(roles or {})
+    if decoder is not None:
+        classes["decoder"] = decoder
     for i, role in enumerate(CHAIN):
         kind = restart if isinstance(restart, str) else restart.get(role, "permanent")
-        cls, extra = decoder if (decoder is not None and role == "decoder") else (Stage, ())
+        cls, extra = classes.get(role, (Stage, ()))
         nxt = CHAIN[i + 1] + suffix if i + 1 < len(CHAIN) else None
+        opts = (spawn_opts or {}).get(role, {})
         refs[role] = await system.spawn(cls, *extra, name=role + suffix, supervisor=sup, restart=kind,  # type: ignore[arg-type]
-                                        placement=placement, nxt=nxt, registry=registry)
+                                        placement=placement, nxt=nxt, registry=registry, **opts)
     return refs
 
 
@@ -488,6 +610,334 @@ async def r01_kill9_with_restart(n: int, *, hold_s: float = 60.0) -> Outcome:
                       "restarts": [e["child"] for e in restarts],
                       "pids_changed": [r for r in CHAIN if kids1[r]["pid"] != kids0[r]["pid"]],
                       "stale_replies": stale, "replies_from_old_incarnation": len(served_old)}
+    return _finish(out, hist, before)
+
+
+async def r01_memory_limit(n: int, *, limit: int = 1 << 30, block: int = 64 << 20, hold_s: float = 60.0) -> Outcome:
+    """R01's variant: the expert runs under ``spawn(..., rlimits={"AS": limit})`` and, holding
+    n calls sent through the router, allocates until the limit refuses (MemoryError in its
+    handler). Its process ends (exit status 87); every call it held and the one that
+    allocated end ActorDied (indeterminate), never a hang; one_for_one restarts the expert
+    once, under the same limit, and nobody else; the first call after the restart succeeds,
+    from the new incarnation; the supervisor's exit event names the MemoryError."""
+    from cascada.actors._child import EXIT_MEMORY_ERROR
+
+    out = Outcome(new_record("R01", f"in_flight={n}, RLIMIT_AS={limit >> 20} MiB, allocate until refused"))
+    rec = out.record
+    _hb(rec, H, L)
+    hist = SupHistory()
+    before = Resources.take()
+    async with cascada.ActorSystem(heartbeat_interval=H, heartbeat_liveness=L, stop_timeout=STOP_S) as system:
+        registry = await system.spawn(Registry, system, name="registry", placement="local")
+        sup = await system.supervisor("chain", strategy="one_for_one", intensity=3, period=5.0)
+        refs = await spawn_chain(system, sup, registry, roles={"expert": (Hoarder, ())},
+                                 spawn_opts={"expert": {"rlimits": {"AS": limit}}})
+        router, expert = refs["router"], refs["expert"]
+        track_family()
+        kids0 = await children(sup)
+        old = kids0["expert"]
+        limits0 = await expert.ask("limits", timeout=10)
+        out.expect(limits0["as"] == [limit, limit], f"the expert's RLIMIT_AS is {limits0['as']}, want {limit}")
+        baseline = [await _chain_ok(hist, router, ("baseline", i)) for i in range(20)]
+        out.expect(all(op.outcome == OK for op in baseline), "the chain did not serve before the fault")
+        t_calls = time.monotonic()
+        calls = [asyncio.ensure_future(hist.call(router, "handle", ("held", i), "expert", hold_s, value=("held", i),
+                                                 timeout=CALL_TIMEOUT_S, hang_after=HANG_S)) for i in range(n)]
+        held = 0
+        while time.monotonic() - t_calls < 10.0:
+            held = await expert.ask("held", timeout=5)
+            if held >= n:
+                break
+            await asyncio.sleep(0.005)
+        out.expect(held == n, f"only {held} of {n} calls reached the expert before the fault")
+        t_fault = hist.mark("hoard", old["pid"], "expert")
+        hoard = await hist.call(expert, "hoard", block, value="hoard", timeout=CALL_TIMEOUT_S, hang_after=HANG_S)
+        ops = await asyncio.gather(*calls)
+        t_all_failed = max([(op.t_complete or t_fault) for op in ops] + [hoard.t_complete or t_fault])
+
+        async def restarted() -> bool:
+            now = (await children(sup))["expert"]
+            return now["pid"] is not None and now["incarnation"] != old["incarnation"]
+
+        out.expect(await until(restarted, 10.0), "the expert was not restarted within 10 s")
+        first_ok = await _chain_ok(hist, router, ("first", 0))
+        t_first_ok = first_ok.t_complete if first_ok.outcome == OK else None
+        out.expect(first_ok.outcome == OK, f"the first call after the restart ended {effective_error(first_ok)}")
+        after = [await _chain_ok(hist, router, ("after", i)) for i in range(20)]
+        kids1 = await children(sup)
+        limits1 = await system.lookup("expert").ask("limits", timeout=10)
+        evs = await events(sup, since=t_fault)
+        memory = {r: max_rss_mib(kids1[r]["pid"]) for r in CHAIN if kids1[r]["pid"]}
+        await wedge_check(out, system, list(refs.values()))
+    errs = Counter(effective_error(op) for op in ops)
+    out.expect(all(died(op) for op in ops), f"in-flight outcomes {dict(errs)}, want ActorDied only")
+    out.expect(all(op.outcome == INFO for op in ops), "an in-flight call was not indeterminate")
+    out.expect(hoard.error_type == "ActorDied",
+               f"the allocating call ended {effective_error(hoard)}, want ActorDied (its process ended)")
+    exit_ev, restart_ev = first(evs, "exit", "expert"), first(evs, "restart", "expert")
+    detect = None if exit_ev is None else exit_ev["t"] - t_fault
+    restart = None if (exit_ev is None or restart_ev is None) else restart_ev["t"] - exit_ev["t"]
+    out.expect(exit_ev is not None and exit_ev["abnormal"], f"no abnormal exit event for the expert: {exit_ev}")
+    reason = "" if exit_ev is None else str(exit_ev.get("reason"))
+    out.expect(exit_ev is not None and exit_ev.get("code") == EXIT_MEMORY_ERROR and "MemoryError" in reason,
+               f"the exit event does not report the MemoryError: {exit_ev}")
+    bound = H * L + (restart or 0.0) + SLACK_S
+    out.expect(t_all_failed - t_fault <= bound + 1.0,
+               f"calls took {t_all_failed - t_fault:.3f}s to fail after the allocation started > {bound + 1.0:.3f}s")
+    restarts = [e for e in evs if e["event"] == "restart"]
+    out.expect([e["child"] for e in restarts] == ["expert"],
+               f"restart events {[e['child'] for e in restarts]}, want the expert once")
+    for role in CHAIN:
+        changed = (kids1[role]["pid"], kids1[role]["incarnation"]) != (kids0[role]["pid"], kids0[role]["incarnation"])
+        out.expect(changed == (role == "expert"), f"{role}: pid/incarnation changed={changed}")
+    out.expect(limits1["as"] == [limit, limit], f"the restarted expert's RLIMIT_AS is {limits1['as']}, want {limit}")
+    new_inc = kids1["expert"]["incarnation"]
+    served_old = [op.value for op in [first_ok, *after] if _path(op).get("expert", (None,))[0] == old["incarnation"]]
+    out.expect(not served_old, f"replies from the dead incarnation delivered: {served_old[:4]}")
+    out.expect(_path(first_ok).get("expert", (None,))[0] == new_inc, "the first reply was not from the new expert")
+    out.expect(all(op.outcome == OK for op in after), f"calls after the restart: {Counter(effective_error(op) for op in after)}")
+    rec["faults"] = {"kill9": 0, "sigstop": 0, "partition_s": 0, "rlimit_as": 1}
+    rec["delivery"] = check_set([*ops, hoard], {}).counts()
+    rec["recovery_ms"] = {"detect_p50": ms(detect), "detect_max": ms(detect), "restart_p50": ms(restart),
+                          "first_ok_after_fault_p95": ms(None if t_first_ok is None else t_first_ok - t_fault),
+                          "in_flight_failed_max": ms(t_all_failed - t_fault)}
+    base = latency_summary([op.latency for op in baseline if op.outcome == OK and op.latency is not None])
+    rec["latency_ms"] = {"baseline_p50": base["p50"], "baseline_p99": base["p99"],
+                         "fault_p99": ms(percentile([(op.t_complete or t_fault) - t_fault for op in ops], 99))}
+    rec["memory"] = {"max_rss_mib": memory, "rss_delta_over_baseline_mib": None}
+    rec["figures"] = {"in_flight": n, "held_by_expert": held, "outcomes": dict(errs),
+                      "allocating_call": effective_error(hoard), "rlimit_as_bytes": limit, "block_bytes": block,
+                      "address_space_before_mib": None if limits0.get("vm_bytes") is None
+                      else round(limits0["vm_bytes"] / 2**20, 1),
+                      "exit_reason": None if exit_ev is None else exit_ev.get("reason"),
+                      "exit_code": None if exit_ev is None else exit_ev.get("code"),
+                      "restarts": [e["child"] for e in restarts],
+                      "pids_changed": [r for r in CHAIN if kids1[r]["pid"] != kids0[r]["pid"]],
+                      "limit_after_restart": limits1["as"], "replies_from_old_incarnation": len(served_old)}
+    return _finish(out, hist, before)
+
+
+# -- R02 --------------------------------------------------------------------------------------
+
+
+class Ledger(cascada.Actor):
+    """R02's sink: a local actor in the driver's process (never killed), so what it holds
+    outlives every kill. ``record`` is keyed (@idempotent): a repeat of a key is answered from
+    its reply cache and takes no effect; ``ran`` counts every execution of each stage's
+    handler per key (told, so a sender that dies right after may go uncounted: a lower bound)."""
+
+    def __init__(self) -> None:
+        self.effects: dict[str, int] = {}
+        self.runs: dict[str, dict[str, int]] = {}
+
+    @cascada.idempotent
+    async def record(self, key: str) -> int:
+        self.effects[key] = self.effects.get(key, 0) + 1
+        return self.effects[key]
+
+    async def ran(self, stage: str, key: str) -> None:
+        per = self.runs.setdefault(key, {})
+        per[stage] = per.get(stage, 0) + 1
+
+    async def summary(self) -> dict[str, Any]:
+        return {"effects": self.effects, "runs": self.runs}
+
+
+class KeyedStage(Stage):
+    """A stage of R02's chain: ``step`` is keyed (@idempotent) and passes the request on with
+    ``retries=-1`` and the same idempotency key, so a kill anywhere downstream is retried
+    until the restarted stage answers; the verifier records the key in the ledger, keyed too."""
+
+    def __init__(self, ledger: cascada.ActorRef, nxt: str | None = None,
+                 registry: cascada.ActorRef | None = None) -> None:
+        super().__init__(nxt, registry)
+        self.ledger = ledger
+
+    @cascada.concurrent
+    @cascada.idempotent
+    async def step(self, key: str, timeout: float) -> list[Any]:
+        await self.ledger.tell("ran", self.name, key)
+        if self.nxt_name is None:
+            await self.ledger.ask("record", key, retries=-1, idempotency_key=key, timeout=timeout)
+            return [self._me()]
+        if self.nxt is None:
+            assert self.registry is not None
+            self.nxt = await self.registry.ask("lookup", self.nxt_name)
+        rest: list[Any] = await self.nxt.ask("step", key, timeout, retries=-1, idempotency_key=key, timeout=timeout)
+        return [self._me(), *rest]
+
+
+async def _r02_phase(hist: History, router: cascada.ActorRef, phase: str, m: int, concurrency: int,
+                     timeout: float, acked: list[int] | None = None) -> tuple[list[Op], float]:
+    """m keyed requests through the chain, ``concurrency`` at a time; (ops, wall seconds).
+    ``acked[0]`` counts the acknowledged ones as they come."""
+    keys = iter(range(m))
+    ops: list[Op] = []
+
+    async def worker() -> None:
+        for seq in keys:
+            key = f"{phase}-{seq}"
+            op = await hist.call(router, "step", key, timeout, value=key, idem_key=key, retries=-1,
+                                 idempotency_key=key, timeout=timeout, hang_after=timeout + 10)
+            ops.append(op)
+            if acked is not None and op.outcome == OK:
+                acked[0] += 1
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return ops, time.monotonic() - t0
+
+
+async def r02_repeated_kills(m: int = 2000, k: int = 20, *, seed: int = 1234, concurrency: int = 8,
+                             timeout: float = 30.0) -> Outcome:
+    """Ray's chaos "actor workload", scaled to one host: the client sends ``m`` keyed requests
+    (``retries=-1``, an idempotency key each) through router -> expert -> decoder -> verifier
+    (each its own process, permanent, one_for_one) while ``k`` SIGKILLs hit random stages at
+    random moments (seeded; the moments are points in the run's progress, so a slow machine
+    sees the same schedule). First a no-fault run of ``m`` as the baseline. Expect: every
+    request acknowledged within its deadline (lost = 0, unexpected = 0), the ledger holds each
+    key exactly once in effect (re-executions hit a reply cache: counted), one restart per
+    kill and no other, and afterwards as many actors and processes as before."""
+    import random
+
+    out = Outcome(new_record("R02", f"{k} kills, {m} keyed requests, retries=-1", seed=seed,
+                             mode="at_least_once"))
+    rec = out.record
+    _hb(rec, H, L)
+    rng = random.Random(seed)
+    hist = SupHistory()
+    before = Resources.take()
+    me = os.getpid()
+    kills: list[dict[str, Any]] = []
+    async with cascada.ActorSystem(heartbeat_interval=H, heartbeat_liveness=L, stop_timeout=STOP_S) as system, \
+            Nemesis(hist) as nem:
+        registry = await system.spawn(Registry, system, name="registry", placement="local")
+        ledger = await system.spawn(Ledger, name="ledger", placement="local")
+        sup = await system.supervisor("chain", strategy="one_for_one", intensity=k + 10, period=600.0)
+        refs = await spawn_chain(system, sup, registry, roles={r: (KeyedStage, (ledger,)) for r in CHAIN})
+        router = refs["router"]
+        track_family()
+        actors0, procs0 = len(system.actors), len(descendants(me))
+        await _r02_phase(hist, router, "warmup", 50, concurrency, timeout)
+        base_ops, base_s = await _r02_phase(hist, router, "base", m, concurrency, timeout)
+        # The fault run: k kills at random points of its progress.
+        marks = sorted(rng.sample(range(max(1, m // 20), max(2, m - m // 20)), k)) if k else []
+        acked = [0]
+        done = asyncio.Event()
+
+        async def nemesis() -> None:
+            for mark in marks:
+                while acked[0] < mark and not done.is_set():
+                    await asyncio.sleep(0.002)
+                if done.is_set():
+                    return
+                role = rng.choice(CHAIN)
+                pid = None
+                deadline = time.monotonic() + 10.0
+                while pid is None and time.monotonic() < deadline:  # it may still be restarting
+                    pid = (await children(sup))[role]["pid"]
+                    if pid is None:
+                        await asyncio.sleep(0.01)
+                if pid is None:
+                    kills.append({"role": role, "pid": None, "t": time.monotonic(), "at": acked[0]})
+                    continue
+                kills.append({"role": role, "pid": pid, "t": nem.kill9(pid), "at": acked[0]})
+
+        t_fault0 = time.monotonic()
+        nemesis_task = asyncio.ensure_future(nemesis())
+        fault_ops, fault_s = await _r02_phase(hist, router, "fault", m, concurrency, timeout, acked)
+        done.set()
+        await nemesis_task
+
+        async def all_up() -> bool:
+            return all(c["pid"] is not None for c in (await children(sup)).values())
+
+        out.expect(await until(all_up, 10.0), "not every stage is up again after the run")
+        after_ops, after_s = await _r02_phase(hist, router, "after", min(m, 500), concurrency, timeout)
+        summary = await ledger.ask("summary", timeout=30)
+        ledger_stats = (await system.stats(ledger))["actors"][0]
+        kids1 = await children(sup)
+        stage_stats = {}
+        for r in CHAIN:
+            try:
+                stage_stats[r] = (await system.stats(system.lookup(r), timeout=10))["actors"][0]
+            except cascada.CascadaError:
+                stage_stats[r] = {}
+        evs = await events(sup, since=t_fault0)
+        memory = {r: max_rss_mib(kids1[r]["pid"]) for r in CHAIN if kids1[r]["pid"]}
+        actors1, procs1 = len(system.actors), len(descendants(me))
+        retries = system.node.stats.retries
+        await wedge_check(out, system, [system.lookup(r) for r in CHAIN])
+    effects: dict[str, int] = summary["effects"]
+    runs: dict[str, dict[str, int]] = summary["runs"]
+    fault_set = check_set(fault_ops, {key: n for key, n in effects.items() if key.startswith("fault-")})
+    base_set = check_set(base_ops, {key: n for key, n in effects.items() if key.startswith("base-")})
+    for label, sets, ops_ in (("baseline", base_set, base_ops), ("fault run", fault_set, fault_ops)):
+        out.expect(not sets.lost and not sets.unexpected,
+                   f"{label}: lost {len(sets.lost)} (e.g. {sets.lost[:3]}), unexpected {len(sets.unexpected)}")
+        out.expect(sets.acknowledged == m, f"{label}: {sets.acknowledged} of {m} acknowledged; others "
+                                           f"{Counter(effective_error(op) for op in ops_ if op.outcome != OK)}")
+        out.expect(not sets.duplicated, f"{label}: {len(sets.duplicated)} keys took effect more than once "
+                                        f"(e.g. {list(sets.duplicated.items())[:3]})")
+    late = [op.value for op in fault_ops if op.latency is not None and op.latency > timeout]
+    out.expect(not late, f"{len(late)} requests went over their {timeout:g}s deadline")
+    out.expect(all(op.outcome == OK for op in after_ops), "the chain did not serve after the run")
+    real_kills = [kv for kv in kills if kv["pid"] is not None]
+    out.expect(len(real_kills) == k, f"{len(real_kills)} of {k} kills done (a stage stayed down?)")
+    restarts = Counter(e["child"] for e in evs if e["event"] == "restart")
+    out.expect(restarts == Counter(kv["role"] for kv in real_kills),
+               f"restarts {dict(restarts)}, want one per kill {dict(Counter(kv['role'] for kv in real_kills))}")
+    out.expect(not system.escalations, f"escalated: {system.escalations}")
+    out.expect((actors1, procs1) == (actors0, procs0),
+               f"actors/processes after the run {actors1}/{procs1}, before {actors0}/{procs0}")
+    # Re-executions: a stage's handler ran again for a key (a retry that reached a new
+    # incarnation, whose reply cache was empty); the ledger's cache absorbed the repeats.
+    reexec = {key: per for key, per in runs.items() if key.startswith("fault-") and any(n > 1 for n in per.values())}
+    reexec_runs = sum(n - 1 for key, per in runs.items() if key.startswith("fault-") for n in per.values() if n > 1)
+    deduped_ledger = int(ledger_stats.get("deduped", 0))
+    # Repeats the reply caches absorbed: the ledger's, and the stages' current incarnations'
+    # (a killed incarnation's count died with it, so this is a lower bound).
+    deduped = deduped_ledger + sum(int(st.get("deduped") or 0) for st in stage_stats.values())
+    # Detection and restart per kill, from the supervisor's events.
+    detect, restart_lat, first_ok = [], [], []
+    for kv in real_kills:
+        ex = next((e for e in evs if e["event"] == "exit" and e["child"] == kv["role"] and e["t"] >= kv["t"]), None)
+        rs = next((e for e in evs if e["event"] == "restart" and e["child"] == kv["role"] and ex is not None
+                   and e["t"] >= ex["t"]), None)
+        if ex is not None:
+            detect.append(ex["t"] - kv["t"])
+        if ex is not None and rs is not None:
+            restart_lat.append(rs["t"] - ex["t"])
+        ok_after = [op.t_complete for op in fault_ops if op.outcome == OK and op.t_invoke >= kv["t"]
+                    and op.t_complete is not None]
+        if ok_after:
+            first_ok.append(min(ok_after) - kv["t"])
+    base_lat = latency_summary([op.latency for op in base_ops if op.outcome == OK and op.latency is not None])
+    fault_lat = latency_summary([op.latency for op in fault_ops if op.outcome == OK and op.latency is not None])
+    after_lat = latency_summary([op.latency for op in after_ops if op.outcome == OK and op.latency is not None])
+    rec["faults"] = nem.faults()
+    rec["delivery"] = {**fault_set.counts(), "executed_more_than_once": len(reexec), "deduped": deduped}
+    rec["recovery_ms"] = {"detect_p50": ms(percentile(detect, 50)), "detect_max": ms(max(detect, default=None)),
+                          "restart_p50": ms(percentile(restart_lat, 50)),
+                          "restart_max": ms(max(restart_lat, default=None)),
+                          "first_ok_after_fault_p95": ms(percentile(first_ok, 95))}
+    rec["latency_ms"] = {"baseline_p50": base_lat["p50"], "baseline_p99": base_lat["p99"],
+                         "fault_p50": fault_lat["p50"], "fault_p99": fault_lat["p99"], "fault_max": fault_lat["max"],
+                         "after_recovery_p99": after_lat["p99"]}
+    rec["throughput_rps"] = {"baseline": round(m / base_s, 1), "under_fault": round(m / fault_s, 1),
+                             "after_recovery": round(len(after_ops) / after_s, 1)}
+    rec["memory"] = {"max_rss_mib": memory, "rss_delta_over_baseline_mib": None}
+    rec["figures"] = {
+        "m": m, "k": k, "concurrency": concurrency, "timeout_s": timeout,
+        "kills_by_role": dict(Counter(kv["role"] for kv in real_kills)),
+        "kill_points": [kv["at"] for kv in kills],
+        "retries_by_driver": retries, "reexecuted_keys": len(reexec), "reexecutions": reexec_runs,
+        "reexecuted_by_stage": dict(Counter(s for per in reexec.values() for s, n in per.items() if n > 1)),
+        "deduped_by_ledger": deduped_ledger,
+        "deduped_by_stage_now": {r: st.get("deduped") for r, st in stage_stats.items()},
+        "baseline": base_set.counts(), "wall_s_baseline": round(base_s, 3), "wall_s_fault": round(fault_s, 3),
+        "actors_before_after": [actors0, actors1], "processes_before_after": [procs0, procs1],
+    }
     return _finish(out, hist, before)
 
 
@@ -783,6 +1233,201 @@ async def r03_high_intensity(placement: cascada.Placement, *, intensity: int = 1
     rec["faults"] = {**nem.faults(), "crash": nem.counts["crash"]}
     rec["figures"] = {"failed_starts": failed, "escalated": bool(escalations),
                       "max_event_loop_stall_ms": ms(lag.max_gap), "call_after": effective_error(op)}
+    return _finish(out, hist, before)
+
+
+async def r03_first_message_loop(placement: cascada.Placement, *, intensity: int = 3, period: float = 5.0,
+                                 quiet_s: float = 0.5) -> Outcome:
+    """R03's other variant: the decoder starts fine every time but crashes on the first message
+    each new incarnation gets (a client keeps calling it). After the first incarnation is
+    killed: exactly ``intensity`` restarts, each a good start followed by a crash, then one
+    escalation, RestartIntensityExceeded(chain, decoder, intensity, period), children
+    stopped; callers get ActorDied (typed), never a hang; no spin."""
+    out = Outcome(new_record("R03", f"crash on the first message, {placement}, intensity {intensity} in {period:g}s"))
+    rec = out.record
+    _hb(rec, H, L)
+    hist = SupHistory()
+    before = Resources.take()
+    workdir = tempfile.mkdtemp(prefix="rel-r03-")
+    marker = os.path.join(workdir, "decoder-started")
+    try:
+        async with cascada.ActorSystem(heartbeat_interval=H, heartbeat_liveness=L, stop_timeout=STOP_S) as system, \
+                Nemesis(hist) as nem:
+            registry = await system.spawn(Registry, system, name="registry", placement="local")
+            sup = await system.supervisor("chain", strategy="one_for_one", intensity=intensity, period=period,
+                                          restart="temporary")
+            refs = await spawn_chain(system, sup, registry, placement=placement,
+                                     decoder=(FirstMessageCrash, (marker, os.getpid())))
+            track_family()
+            kids0 = await children(sup)
+            out.expect((await _chain_ok(hist, refs["router"], "before")).outcome == OK, "the chain did not serve")
+            pending = asyncio.ensure_future(hist.call(refs["router"], "handle", "held", "verifier", 60.0,
+                                                      timeout=CALL_TIMEOUT_S, hang_after=HANG_S))
+            await asyncio.sleep(0.1)
+            cpu0, t0 = cpu_s(), time.monotonic()
+            t_kill = await _kill(system, nem, refs["decoder"], kids0["decoder"]["pid"], placement)
+            stop = asyncio.Event()
+            client = asyncio.ensure_future(_client_loop(hist, refs["decoder"], stop))
+
+            async def escalated() -> bool:
+                return bool(system.escalations)
+
+            out.expect(await until(escalated, 10.0), "no escalation within 10 s")
+            t_esc = time.monotonic()
+            cpu1 = cpu_s()
+            stop.set()
+            await client
+            held_op = await pending
+            cpu2, t2 = cpu_s(), time.monotonic()
+            await asyncio.sleep(quiet_s)
+            cpu3, t3 = cpu_s(), time.monotonic()
+            late = [await hist.call(refs[r], "whoami", value=("late", r), timeout=10, hang_after=HANG_S) for r in CHAIN]
+            evs = await events(sup, since=t_kill)
+            kids1 = await children(sup)
+            status = await sup.ask("status", timeout=10)
+            root_escalations = list(system.escalations)
+            await wedge_check(out, system)
+        alive, _ = await wait_gone([k["pid"] for k in kids0.values() if k["pid"] and k["pid"] != os.getpid()], 2.0)
+    finally:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    err = root_escalations[0] if root_escalations else None
+    out.expect(isinstance(err, cascada.RestartIntensityExceeded), f"escalation {err!r}")
+    if isinstance(err, cascada.RestartIntensityExceeded):
+        out.expect((err.supervisor, err.actor, err.count, err.period) == ("chain", "decoder", intensity, period),
+                   f"escalation names {(err.supervisor, err.actor, err.count, err.period)}")
+        text = str(err)
+        for piece in ("'decoder'", f"{intensity} restart(s)", f"{period:g}s"):
+            out.expect(piece in text, f"the escalation message lacks {piece!r}: {text}")
+    out.expect(len(root_escalations) == 1, f"{len(root_escalations)} escalations, want 1")
+    kinds = Counter(e["event"] for e in evs if e["child"] == "decoder")
+    restarts = [e for e in evs if e["child"] == "decoder" and e["event"] == "restart"]
+    exits = [e for e in evs if e["child"] == "decoder" and e["event"] == "exit"]
+    out.expect(kinds["restart"] == intensity and kinds["start_failed"] == 0,
+               f"decoder events: {dict(kinds)}, want exactly {intensity} (good) restarts")
+    out.expect(len(exits) == intensity + 1 and all(e["abnormal"] for e in exits),
+               f"decoder exits: {[(e['reason'], e['abnormal']) for e in exits]}, want {intensity + 1} abnormal ones "
+               "(the kill, then a crash after each restart)")
+    out.expect(all(a["t"] <= b["t"] for a, b in zip(exits, restarts)) and all(
+        a["t"] <= b["t"] for a, b in zip(restarts, exits[1:])),
+        "exits and restarts do not alternate (each restart should be followed by a crash)")
+    out.expect(sum(e["event"] == "escalate" for e in evs) == 1, "not exactly one escalate event")
+    out.expect(not [e for e in evs if e["child"] != "decoder" and e["event"] in ("restart", "exit")],
+               "another child was restarted or exited before the escalation (one_for_one)")
+    out.expect(all(k["pid"] is None for k in kids1.values()), f"children still up after the escalation: {kids1}")
+    out.expect(status["failed"] is not None, "the supervisor's status does not say it gave up")
+    out.expect(not alive, f"actor processes left after the escalation: {alive}")
+    after_kill = [op for op in hist.ops if op.t_invoke >= t_kill]
+    out.expect(all(died(op) for op in after_kill),
+               f"calls during and after the loop: {Counter(effective_error(op) for op in after_kill)}, want ActorDied")
+    out.expect(died(held_op), f"the call held in the chain ended {effective_error(held_op)}")
+    late_max = max((op.latency or 0.0) for op in late)
+    out.expect(late_max < 1.0, f"a call after the escalation took {late_max:.3f}s to fail")
+    loop_s, quiet = t_esc - t0, t3 - t2
+    cpu_loop, cpu_quiet = cpu1 - cpu0, cpu3 - cpu2
+    out.expect(cpu_quiet <= 0.2 * quiet + 0.02, f"CPU after the escalation {cpu_quiet:.3f}s in {quiet:.2f}s: a spin")
+    per_restart = cpu_loop / max(1, len(restarts))
+    out.expect(per_restart <= 0.25, f"{per_restart:.3f} CPU seconds per restart in the supervisor's process")
+    rec["faults"] = {**nem.faults(), "crash": nem.counts["crash"]}
+    rec["recovery_ms"] = {"detect_p50": None, "restart_p50": ms(percentile(
+        [b["t"] - a["t"] for a, b in zip(exits, restarts)], 50))}
+    rec["figures"] = {
+        "restarts_ms_after_kill": [ms(e["t"] - t_kill) for e in restarts],
+        "exits_ms_after_kill": [ms(e["t"] - t_kill) for e in exits],
+        "exit_reasons": [e["reason"] for e in exits],
+        "escalation_ms_after_kill": ms(t_esc - t_kill),
+        "escalation": None if err is None else {"supervisor": err.supervisor, "actor": err.actor, "count": err.count,
+                                                "period": err.period, "message": str(err)},
+        "supervisor_cpu": {"loop_cpu_s": round(cpu_loop, 4), "loop_wall_s": round(loop_s, 4),
+                           "cpu_s_per_restart": round(per_restart, 4),
+                           "quiet_cpu_s": round(cpu_quiet, 4), "quiet_wall_s": round(quiet, 3)},
+        "caller_outcomes": dict(Counter(effective_error(op) for op in after_kill)),
+        "late_call_fail_max_ms": ms(late_max),
+    }
+    return _finish(out, hist, before)
+
+
+async def r03_first_message_shutdown(placement: cascada.Placement, *, intensity: int = 1000,
+                                     stop_timeout: float = 1.0) -> Outcome:
+    """A shutdown issued while the supervisor is busy with a decoder that crashes on the first
+    message of every incarnation (a client keeps calling it, and keeps calling through the
+    shutdown; the intensity is out of reach) finishes within its timeouts, leaves nothing
+    running and ends the loop; every call ends with a typed error, none hangs."""
+    out = Outcome(new_record("R03", f"shutdown during a first-message crash loop, {placement}"))
+    rec = out.record
+    _hb(rec, H, L)
+    hist = SupHistory()
+    before = Resources.take()
+    workdir = tempfile.mkdtemp(prefix="rel-r03-")
+    marker = os.path.join(workdir, "decoder-started")
+    system = cascada.ActorSystem(heartbeat_interval=H, heartbeat_liveness=L, stop_timeout=stop_timeout)
+    took = None
+    try:
+        with Nemesis(hist) as nem:
+            async with system:
+                registry = await system.spawn(Registry, system, name="registry", placement="local")
+                sup = await system.supervisor("chain", strategy="one_for_one", intensity=intensity, period=60.0)
+                refs = await spawn_chain(system, sup, registry, placement=placement,
+                                         decoder=(FirstMessageCrash, (marker, os.getpid())))
+                track_family()
+                kids0 = await children(sup)
+                pids = [k["pid"] for k in kids0.values() if k["pid"] != os.getpid()]
+                pending = asyncio.ensure_future(hist.call(refs["router"], "handle", "held", "verifier", 60.0,
+                                                          timeout=CALL_TIMEOUT_S, hang_after=HANG_S))
+                await asyncio.sleep(0.1)
+                stop = asyncio.Event()
+                with LoopLag() as lag:
+                    t_kill = await _kill(system, nem, refs["decoder"], kids0["decoder"]["pid"], placement)
+                    client = asyncio.ensure_future(_client_loop(hist, refs["decoder"], stop, pause=0.01))
+
+                    async def restarts() -> int:
+                        return sum(e["event"] == "restart" for e in await events(sup, t_kill))
+
+                    async def looping() -> bool:
+                        return await restarts() >= 3
+
+                    out.expect(await until(looping, 10.0), "the decoder was not restarted 3 times in 10 s")
+                    n_a = await restarts()
+
+                    async def still_looping() -> bool:
+                        return await restarts() > n_a
+
+                    out.expect(await until(still_looping, 5.0),
+                               f"the crash loop stopped by itself after {await restarts()} restarts")
+                    await wedge_check(out, system, list(refs.values()))
+                    state = system._sups["chain"]  # its event log outlives the shutdown (the actor does not)
+                    t0 = time.monotonic()
+                    await system.shutdown()
+                    took = time.monotonic() - t0
+                stop.set()
+                await client
+                evs = state.events
+                held_op = await pending
+            alive, _ = await wait_gone(pids, 2.0)
+        n_end = sum(e["event"] == "restart" for e in evs)
+        await asyncio.sleep(0.3)  # a loop that outlived the shutdown would show up here
+        n_later = sum(e["event"] == "restart" for e in evs)
+        n_at_shutdown = sum(e["event"] == "restart" and e["t"] < t0 for e in evs)
+    finally:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+    bound = STOP_PHASES * stop_timeout + 1.0
+    out.expect(took is not None and took <= bound, f"shutdown took {took}s during the loop > {bound:.2f}s")
+    out.expect(not alive, f"processes left after the shutdown: {alive}")
+    out.expect(n_later == n_end, "the restart loop went on after the shutdown")
+    out.expect(held_op.outcome in (INFO, "fail") and not held_op.hang,
+               f"the call pending at shutdown ended {effective_error(held_op)}")
+    during = [op for op in hist.ops if op.t_invoke >= t_kill and op.value != "held"]
+    bad = Counter(effective_error(op) for op in during if op.outcome == OK or op.hang or op.untyped)
+    out.expect(not bad, f"calls to the crashing decoder that did not end with a typed error: {dict(bad)}")
+    out.expect(lag.max_gap <= SLACK_S, f"the supervisor's event loop stood still for {lag.max_gap:.3f}s")
+    rec["faults"] = {**nem.faults(), "crash": nem.counts["crash"]}
+    rec["figures"] = {"shutdown_s": None if took is None else round(took, 3), "bound_s": round(bound, 3),
+                      "restarts_before_shutdown": n_at_shutdown, "restarts_total": n_later,
+                      "max_event_loop_stall_ms": ms(lag.max_gap), "pending_call": effective_error(held_op),
+                      "caller_outcomes": dict(Counter(effective_error(op) for op in during))}
     return _finish(out, hist, before)
 
 
@@ -1215,14 +1860,29 @@ async def r07_false_positives(seconds: float = 10.0, *, interval: float | None =
 # -- R08 --------------------------------------------------------------------------------------
 
 
-async def r08_blocked_loop(*, heartbeats: bool = True, stall_s: float = 10.0) -> Outcome:
-    """A decoder handler calls time.sleep(stall_s): its process and libzmq's I/O thread stay
-    alive (ZMTP heartbeats would keep succeeding), but its event loop stops beating. With
-    heartbeats (H*L = 1 s) it is declared unresponsive within H*L +- jitter, killed and
-    replaced, and the stalled call ends ActorDied. With ``heartbeat_interval=None`` nothing
-    notices: the call returns after the whole stall, from the same process."""
+def _cpu_of(pid: int) -> float | None:
+    """CPU seconds (user + system) a process used so far, from /proc/pid/stat."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def r08_blocked_loop(*, heartbeats: bool = True, stall_s: float = 10.0, how: str = "sleep") -> Outcome:
+    """A decoder handler calls time.sleep(stall_s) (``how="sleep"``), or holds the GIL in one
+    C call for about that long (``how="gil"``, Stage.stall_gil): its process and libzmq's I/O
+    thread stay alive (ZMTP heartbeats would keep succeeding), but its event loop stops
+    beating. With heartbeats (H*L = 1 s) it is declared unresponsive within H*L +- jitter,
+    killed and replaced, and the stalled call ends ActorDied. With ``heartbeat_interval=None``
+    nothing notices: the call returns after the whole stall, from the same process. For the
+    C call the record shows that it held the GIL (a Python thread in the decoder could not
+    tick meanwhile, heartbeats off) and burnt CPU (heartbeats on; a sleep burns none)."""
+    assert how in ("sleep", "gil")
     interval = H if heartbeats else None
-    out = Outcome(new_record("R08", f"time.sleep({stall_s:g}) in a handler, heartbeats "
+    fault = f"time.sleep({stall_s:g})" if how == "sleep" else f"the GIL held in a C call (~{stall_s:g}s)"
+    out = Outcome(new_record("R08", f"{fault} in a handler, heartbeats "
                                     f"{'H=%gs x L=%d' % (H, L) if heartbeats else 'off'}"))
     rec = out.record
     _hb(rec, interval, L)
@@ -1231,6 +1891,7 @@ async def r08_blocked_loop(*, heartbeats: bool = True, stall_s: float = 10.0) ->
     lo, hi = _detect_window(H, L)
     detect = None
     alive_mid = None
+    busy: float | None = None
     async with cascada.ActorSystem(heartbeat_interval=interval, heartbeat_liveness=L, stop_timeout=STOP_S) as system:
         registry = await system.spawn(Registry, system, name="registry", placement="local")
         sup = await system.supervisor("chain", strategy="one_for_one", intensity=3, period=5.0)
@@ -1241,14 +1902,17 @@ async def r08_blocked_loop(*, heartbeats: bool = True, stall_s: float = 10.0) ->
         old = kids0["decoder"]
         await _chain_ok(hist, refs["router"], "before")
         t0 = time.monotonic()
-        stall = asyncio.ensure_future(hist.call(decoder, "stall", stall_s, value="stall", timeout=stall_s + 20,
-                                                hang_after=stall_s + 15))
+        cpu0 = _cpu_of(old["pid"])
+        stall = asyncio.ensure_future(hist.call(decoder, "stall" if how == "sleep" else "stall_gil", stall_s,
+                                                value="stall", timeout=stall_s + 20, hang_after=stall_s + 15))
         await asyncio.sleep(0.05)
         # A call queued behind the stall: it waits for the loop too.
         behind = asyncio.ensure_future(hist.call(decoder, "whoami", value="behind", timeout=stall_s + 20,
                                                  hang_after=stall_s + 15))
         await asyncio.sleep(H * L / 2)
         alive_mid = not process_gone(old["pid"])  # the process is there; only its loop is stuck
+        cpu_mid, t_mid = _cpu_of(old["pid"]), time.monotonic()
+        busy = None if (cpu0 is None or cpu_mid is None) else (cpu_mid - cpu0) / (t_mid - t0)
         if heartbeats:
             async def declared() -> bool:
                 return first(await events(sup, t0), "unresponsive", "decoder") is not None
@@ -1263,6 +1927,13 @@ async def r08_blocked_loop(*, heartbeats: bool = True, stall_s: float = 10.0) ->
             out.expect(await until(replaced, 10.0), "the decoder was not replaced")
         stall_op, behind_op = await stall, await behind
         after = await _chain_ok(hist, refs["router"], "after")
+        fenced_after = 0
+        while heartbeats and died(after) and fenced_after < 3:
+            # The router's node had not yet heard of the replacement (peer.update races the
+            # call): its request was refused unrun by the new incarnation. One more try.
+            fenced_after += 1
+            await asyncio.sleep(0.1)
+            after = await _chain_ok(hist, refs["router"], ("after", fenced_after))
         kids1 = await children(sup)
         evs = await events(sup, t0)
         await wedge_check(out, system, list(refs.values()))
@@ -1278,20 +1949,40 @@ async def r08_blocked_loop(*, heartbeats: bool = True, stall_s: float = 10.0) ->
         out.expect(declared_all == ["decoder"], f"declared unresponsive: {declared_all}")
         out.expect(kids1["decoder"]["incarnation"] != old["incarnation"], "the decoder was not replaced")
     else:
-        out.expect(stall_op.outcome == OK and stall_op.result == "woke", f"the stall ended {effective_error(stall_op)}")
-        out.expect(stall_op.latency is not None and stall_op.latency >= stall_s - 0.05, "the stall ended early")
+        if how == "sleep":
+            out.expect(stall_op.outcome == OK and stall_op.result == "woke",
+                       f"the stall ended {effective_error(stall_op)}")
+            out.expect(stall_op.latency is not None and stall_op.latency >= stall_s - 0.05, "the stall ended early")
+        else:
+            ok = stall_op.outcome == OK and isinstance(stall_op.result, list) and stall_op.result[0] == "woke"
+            out.expect(ok, f"the stall ended {effective_error(stall_op)}")
+            held_s, gap_s = (float(stall_op.result[1]), float(stall_op.result[2])) if ok else (0.0, 0.0)
+            out.expect(held_s >= min(1.0, stall_s / 3), f"the C call held only {held_s:.2f}s (want ~{stall_s:g}s)")
+            out.expect(gap_s >= 0.8 * held_s, f"a Python thread in the decoder ticked during the C call (longest "
+                                              f"gap {gap_s:.3f}s of {held_s:.3f}s): it did not hold the GIL")
+            out.expect(stall_op.latency is not None and stall_op.latency >= held_s - 0.05, "the stall ended early")
         out.expect(behind_op.outcome == OK and behind_op.result[2] == old["pid"],
                    f"the call behind the stall ended {effective_error(behind_op)}")
         out.expect(not declared_all and kids1 == kids0, f"with heartbeats off something was declared: {declared_all}")
+    if how == "gil":
+        # A C loop burns CPU, a sleep none (0.00-0.02 s/s here); on 2 cores shared with
+        # CPU burners the decoder still got >= 0.14 s/s (0.9 when idle), so 0.05 tells them apart.
+        out.expect(busy is not None and busy >= 0.05, f"the decoder used {busy} CPU s/s during the stall: "
+                                                       "not a busy C call")
     out.expect(after.outcome == OK, f"the chain after the stall: {effective_error(after)}")
     rec["recovery_ms"] = {"detect_p50": ms(detect), "detect_max": ms(detect), "restart_p50": None,
                           "first_ok_after_fault_p95": None}
-    rec["figures"] = {"heartbeats": heartbeats, "stall_s": stall_s, "timeout_s": H * L if heartbeats else None,
+    gil = stall_op.result if (how == "gil" and stall_op.outcome == OK and isinstance(stall_op.result, list)) else None
+    rec["figures"] = {"how": how, "stall_cpu_s_per_s": None if busy is None else round(busy, 3),
+                      "gil_held_s": None if gil is None else round(float(gil[1]), 3),
+                      "gil_ticker_max_gap_s": None if gil is None else round(float(gil[2]), 3),
+                      "heartbeats": heartbeats, "stall_s": stall_s, "timeout_s": H * L if heartbeats else None,
                       "detected": detect is not None, "detect_ms": ms(detect),
                       "process_alive_during_stall": alive_mid,
                       "stalled_call": effective_error(stall_op), "stalled_call_ms": ms(stall_op.latency),
                       "call_behind_stall": effective_error(behind_op), "call_behind_ms": ms(behind_op.latency),
-                      "replaced": kids1["decoder"]["incarnation"] != old["incarnation"]}
+                      "replaced": kids1["decoder"]["incarnation"] != old["incarnation"],
+                      "chain_calls_fenced_after_restart": fenced_after}
     return _finish(out, hist, before)
 
 
@@ -1316,7 +2007,8 @@ async def r13_restarts_same_endpoint(transport: cascada.Transport = "ipc", *, re
     # only wait out the same timeouts).
     bail = RECONNECT_IVL_MAX_S + H * L + 2.0
     timeline: list[tuple[float, str]] = []  # (since, incarnation) of the decoder, on the monotonic clock
-    sent_inc: dict[int, str] = {}
+    sent_inc: dict[int, str] = {}  # the incarnation current when each direct request was sent
+    queued_inc: dict[int, str] = {}  # ... and a loop turn earlier, when the client made the call
     cycles: list[dict[str, Any]] = []
     fds: list[dict[str, Any]] = []  # {"at": label, "driver": n, "router": n, "driver_sockets": n}
     async with cascada.ActorSystem(heartbeat_interval=H, heartbeat_liveness=L, transport=transport,
@@ -1333,11 +2025,24 @@ async def r13_restarts_same_endpoint(transport: cascada.Transport = "ipc", *, re
         stop = asyncio.Event()
         seq = iter(range(10**9))
 
+        class _AtSend:
+            """The decoder's ref, noting the incarnation current when the ask really starts:
+            hist.call runs it in a task a loop turn later, and a restart that completes in
+            between makes the request (rightly) meant for the new incarnation. From there to
+            the send nothing awaits, so this is the incarnation the request is stamped with."""
+
+            def __init__(self, i: int) -> None:
+                self.name, self.incarnation, self.i = decoder.name, decoder.incarnation, i
+
+            async def ask(self, method: str, *args: Any, **kwargs: Any) -> Any:
+                sent_inc[self.i] = system.lookup("decoder").incarnation or ""
+                return await decoder.ask(method, *args, **kwargs)
+
         async def client(path: str) -> None:
-            ref = decoder if path == "direct" else router
             while not stop.is_set():
                 i = next(seq)
-                sent_inc[i] = system.lookup("decoder").incarnation or ""
+                queued_inc[i] = system.lookup("decoder").incarnation or ""
+                ref: Any = _AtSend(i) if path == "direct" else router
                 op = await hist.call(ref, "handle", i, value=(path, i), timeout=5.0, hang_after=HANG_S)
                 if op.outcome != OK:
                     await asyncio.sleep(0.005)  # a client's pause after an error, not a spin
@@ -1438,6 +2143,7 @@ async def r13_restarts_same_endpoint(transport: cascada.Transport = "ipc", *, re
     rec["latency_ms"] = {"ok": latency_summary([op.latency for op in oks if op.latency is not None])}
     rec["figures"] = {"restarts": len(cycles), "cycles": cycles, "fds": fds, "stale_replies": stale,
                       "wrong_request": len(wrong_req), "wrong_incarnation": len(wrong_inc), "errors": dict(errs),
+                      "restart_between_call_and_send": sum(1 for i, inc in sent_inc.items() if queued_inc.get(i) != inc),
                       "incarnations": [v for _t, v in timeline], "other_supervisor_events": others}
     return _finish(out, hist, before)
 

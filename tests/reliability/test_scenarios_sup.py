@@ -1,5 +1,5 @@
-"""Supervision and liveness scenarios (RELIABILITY.md R01 with a restart, R03, R04, R07, R08,
-R13): OTP supervision, heartbeats, fencing and restarts on the same endpoint, against real
+"""Supervision and liveness scenarios (RELIABILITY.md R01 with a restart and under a memory
+limit, R02, R03, R04, R07, R08, R13): OTP supervision, heartbeats, fencing and restarts on the same endpoint, against real
 actor processes.
 
 The bodies live in reliability/scenarios_sup.py, shared with scripts/reliability.py; each
@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+import cascada
 from reliability import scenarios_sup as S
 from reliability.harness import Outcome, jsonable
 
@@ -66,6 +67,49 @@ async def test_r01_kill9_with_calls_in_flight_is_restarted_once(n: int, record_p
     await _check(S.r01_kill9_with_restart(n), record_property)
 
 
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("n", [1, 10, 100])
+async def test_r01_memory_limit_ends_the_process_and_it_is_restarted_once(n: int, record_property: Any) -> None:
+    """R01's variant: the expert, spawned with rlimits={"AS": 1 GiB} and holding n calls,
+    allocates until the limit refuses: its process ends (MemoryError, exit status 87), every
+    call it held ends ActorDied, one_for_one restarts it once under the same limit, nobody
+    else changes, the first call after succeeds, and the exit event names the MemoryError."""
+    await _check(S.r01_memory_limit(n), record_property)
+
+
+@pytest.mark.timeout(30)
+async def test_r01_rlimits_are_checked_and_apply_to_process_actors_only() -> None:
+    """spawn(..., rlimits=...) refuses what it cannot set (an unknown resource, a soft limit
+    above the hard one, a negative limit, a local actor) before anything starts."""
+    async with cascada.ActorSystem(heartbeat_interval=None, stop_timeout=1.0) as system:
+        for bad, placement, match in (({"NO_SUCH": 1}, "process", "unknown resource limit"),
+                                      ({"AS": (2 << 30, 1 << 30)}, "process", "above the hard limit"),
+                                      ({"AS": -5}, "process", "non-negative"),
+                                      ({"AS": 1 << 30}, "local", "placement='process'")):
+            with pytest.raises(cascada.ConfigurationError, match=match):
+                await system.spawn(S.Stage, name="limited", placement=placement, rlimits=bad)  # type: ignore[arg-type]
+        assert not system.actors
+
+
+# -- R02 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_r02_repeated_kills_lose_nothing_and_take_effect_once(record_property: Any) -> None:
+    """R02 in small (4 kills, 300 keyed requests, retries=-1, after a no-fault baseline of
+    300): every request acknowledged within its deadline, the ledger holds each key exactly
+    once in effect, one restart per kill, actor and process counts back to where they were."""
+    await _check(S.r02_repeated_kills(300, 4), record_property, budget=45)
+
+
+@pytest.mark.soak
+@SOAK
+@pytest.mark.timeout(600)
+async def test_r02_full_size_soak(record_property: Any) -> None:
+    """R02 at full size: K = 20 kills, M = 2000 requests."""
+    await _check(S.r02_repeated_kills(2000, 20), record_property, budget=540)
+
+
 # -- R03 ----------------------------------------------------------------------------------
 
 
@@ -103,6 +147,46 @@ async def test_r03_a_large_intensity_still_escalates(record_property: Any) -> No
 @pytest.mark.timeout(300)
 async def test_r03_high_intensity_process_soak(record_property: Any) -> None:
     await _check(S.r03_high_intensity("process", intensity=1100), record_property, budget=250)
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("placement", ["local", "process"])
+async def test_r03_crash_on_the_first_message_escalates_after_exactly_the_intensity(placement: Any,
+                                                                                   record_property: Any) -> None:
+    """R03's other variant: every restarted decoder starts fine and crashes on the first
+    message it gets (a client keeps calling), intensity 3 in 5 s: exactly 3 restarts, 4
+    abnormal exits, one RestartIntensityExceeded(chain, decoder, 3, 5.0), children stopped,
+    every caller gets ActorDied, no spin."""
+    await _check(S.r03_first_message_loop(placement), record_property)
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("placement", ["local", "process"])
+async def test_r03_shutdown_during_a_first_message_crash_loop_is_bounded(placement: Any,
+                                                                        record_property: Any) -> None:
+    """The same loop with the intensity out of reach and clients calling through the
+    shutdown: shutdown() ends within 3 x stop_timeout + 1 s and stops the loop, nothing is
+    left running, and every call ends with a typed error (none hangs)."""
+    await _check(S.r03_first_message_shutdown(placement), record_property)
+
+
+class _SelfKiller(cascada.Actor):
+    def __init__(self, registry: cascada.ActorRef) -> None:
+        self.registry = registry
+
+    async def die(self) -> str:
+        await asyncio.sleep(0)  # in a task of its own, as any suspended handler
+        await self.registry.ask("kill", self.name)
+        return "answered after its actor was killed"
+
+
+@pytest.mark.timeout(30)
+async def test_r03_a_local_actor_killed_under_its_running_handler_does_not_answer() -> None:
+    async with cascada.ActorSystem(heartbeat_interval=None, stop_timeout=1.0) as system:
+        registry = await system.spawn(S.Registry, system, name="registry", placement="local")
+        victim = await system.spawn(_SelfKiller, registry, name="victim", placement="local")
+        with pytest.raises(cascada.ActorDied):
+            await victim.ask("die", timeout=5)
 
 
 # -- R04 ----------------------------------------------------------------------------------
@@ -175,21 +259,26 @@ async def test_r08_without_heartbeats_a_blocked_loop_goes_unnoticed(record_prope
     await _check(S.r08_blocked_loop(heartbeats=False, stall_s=3.0), record_property)
 
 
+@pytest.mark.timeout(40)
+async def test_r08_gil_held_in_a_c_call_is_declared_unresponsive(record_property: Any) -> None:
+    """A handler holding the GIL in one C call (~10 s of deque(repeat(...), maxlen=0)): the
+    process stays alive and busy (CPU) but stops beating; declared within H*L +- a beat,
+    killed and replaced; the stalled call and one queued behind it end ActorDied."""
+    await _check(S.r08_blocked_loop(how="gil"), record_property)
+
+
+@pytest.mark.timeout(40)
+async def test_r08_without_heartbeats_a_gil_holding_c_call_goes_unnoticed(record_property: Any) -> None:
+    """heartbeat_interval=None and the same C call (~3 s): nothing is declared, the call
+    returns from the same process, and a Python thread in the decoder could not tick during
+    the call (it held the GIL throughout)."""
+    await _check(S.r08_blocked_loop(heartbeats=False, stall_s=3.0, how="gil"), record_property)
+
+
 # -- R13 ----------------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=False, reason=(
-    "open, intermittent (about 1 run in 3, ipc and tcp): incarnation fencing compares a reply's "
-    "incarnation with the one the caller's peer believes current, so around a restart (a) a "
-    "request sent while the caller still saw the old incarnation can run on the new one and its "
-    "reply be delivered (seen: ~2 of ~340 direct replies from the incarnation after the one "
-    "current at send), and (b) the router's peer, not yet told of the restart (peer.update) but "
-    "already reconnected by zmq, drops the new incarnation's replies as stale: the work ran, the "
-    "call waits out its deadline (seen: router stale_replies == 2 == the DeadlineExceeded count, "
-    "one 'reconnect' of ~4.95 s = the 5 s call timeout). Fix to come: stamp requests with the "
-    "incarnation the caller expects and have the receiver refuse (ActorDied, not run) a request "
-    "for another one."))
 @pytest.mark.parametrize("transport", ["ipc", "tcp"])
 async def test_r13_ten_restarts_on_the_same_endpoint(transport: Any, record_property: Any) -> None:
     """Kill the decoder 10 times while clients call it directly and through the router: every

@@ -141,6 +141,293 @@ async def test_listener_pid_claim_and_takeover_detection(tmp_path: Any) -> None:
         ctx.term()
 
 
+async def test_a_peer_that_reconnects_to_another_process_fails_with_endpoint_conflict(tmp_path: Any) -> None:
+    """The Peer's checks (actors/_node.py): nothing listens when it connects (the check passes,
+    libzmq retries); another process binds the path while the one the ref names is alive; on
+    the CONNECTED event the peer is marked dead with EndpointConflict, its pending call fails
+    with it, and so does every later one (at once, nothing sent)."""
+    import subprocess
+    import sys
+
+    from cascada.actors._node import Node, NodeConfig
+
+    node = Node("r18-peer", f"ipc://{tmp_path / 'me.ipc'}", NodeConfig())
+    await node.start()
+    named = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ctx: zmq.Context[Any] = zmq.Context()
+    try:
+        endpoint = f"ipc://{tmp_path / 'actor.ipc'}"
+        peer = node.peer(endpoint, named.pid, node.host)  # nothing there yet: it connects
+        assert peer.dead is None
+        call = asyncio.ensure_future(node.call(peer, "actor", "ping", [], timeout=10))
+        await asyncio.sleep(0.05)
+        rogue = ctx.socket(zmq.ROUTER)  # this process, not the one the ref names
+        rogue.setsockopt(zmq.LINGER, 0)
+        rogue.bind(endpoint)
+        with pytest.raises(EndpointConflict, match="took the path over"):
+            await asyncio.wait_for(call, 5)
+        assert isinstance(peer.dead, EndpointConflict) and node.stats.endpoint_conflicts == 1
+        with pytest.raises(EndpointConflict):
+            await node.call(peer, "actor", "ping", [], timeout=10)
+        rogue.close(linger=0)
+        # A node refuses to bind where a live process listens (here: this one's own node).
+        other = Node("r18-binder", node.endpoint, NodeConfig())
+        with pytest.raises(EndpointConflict, match="already listens"):
+            await other.start()
+        await other.close()
+    finally:
+        named.kill()
+        named.wait()
+        await node.close()
+        ctx.term()
+
+
+_VICTIM = """\
+import sys, zmq
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.setsockopt(zmq.LINGER, 0); s.bind(sys.argv[1])
+print("bound", flush=True); sys.stdin.readline(); s.close(linger=0); print("closed", flush=True)
+import time; time.sleep(60)
+"""
+
+
+@pytest.mark.timeout(30)
+async def test_a_request_sent_while_disconnected_never_reaches_a_process_that_took_the_path_over(
+        tmp_path: Any) -> None:
+    """libzmq reconnects on its own threads, and would send what it queued as soon as the new
+    connection's handshake completes, before the event loop sees CONNECTED and checks the
+    listener. So a Peer holds requests itself while an ipc connection is down, and releases
+    them only once the check passes; here it fails, and the held request fails with
+    EndpointConflict without ever reaching the process that took the path over."""
+    import subprocess
+    import sys
+
+    from cascada.actors._node import Node, NodeConfig
+
+    endpoint = f"ipc://{tmp_path / 'actor.ipc'}"
+    node = Node("r18-queued", f"ipc://{tmp_path / 'me.ipc'}", NodeConfig())
+    await node.start()
+    victim = subprocess.Popen([sys.executable, "-c", _VICTIM, endpoint], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    ctx: zmq.Context[Any] = zmq.Context()
+    rogue = ctx.socket(zmq.ROUTER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    try:
+        assert victim.stdout is not None and victim.stdin is not None
+        assert victim.stdout.readline().strip() == "bound"
+        peer = node.peer(endpoint, victim.pid, node.host)
+        deadline = time.monotonic() + 5
+        while not peer.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert peer.connected
+        victim.stdin.write("close\n")
+        victim.stdin.flush()
+        assert victim.stdout.readline().strip() == "closed"  # alive, no longer listening
+        while peer.connected and time.monotonic() < deadline + 5:
+            await asyncio.sleep(0.005)
+        call = asyncio.ensure_future(node.call(peer, "actor", "secret", [], timeout=10))
+        await asyncio.sleep(0.01)  # sent: it waits in libzmq for the reconnect
+        rogue.bind(endpoint)
+        time.sleep(2.5)  # the loop is busy; libzmq reconnects (backoff up to 2 s) on its own threads
+        reached = bool(rogue.poll(0))
+        with pytest.raises(EndpointConflict):
+            await asyncio.wait_for(call, 5)
+        assert not reached, "a request sent while disconnected reached the process that took the path over"
+    finally:
+        rogue.close(linger=0)
+        victim.kill()
+        victim.wait()
+        for pipe in (victim.stdin, victim.stdout):
+            if pipe is not None:
+                pipe.close()
+        await node.close()
+        ctx.term()
+
+
+@pytest.mark.timeout(30)
+async def test_a_first_request_on_a_fresh_connection_never_reaches_a_process_that_took_the_path_over(
+        tmp_path: Any) -> None:
+    """Nothing listens when the Peer connects (the check before connecting passes, libzmq
+    retries); a request made then is held until the check on CONNECTED, so when another
+    process binds the path first, it never sees the request."""
+    import subprocess
+    import sys
+
+    from cascada.actors._node import Node, NodeConfig
+
+    node = Node("r18-fresh", f"ipc://{tmp_path / 'me.ipc'}", NodeConfig())
+    await node.start()
+    named = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    ctx: zmq.Context[Any] = zmq.Context()
+    rogue = ctx.socket(zmq.ROUTER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    try:
+        endpoint = f"ipc://{tmp_path / 'actor.ipc'}"
+        peer = node.peer(endpoint, named.pid, node.host)
+        call = asyncio.ensure_future(node.call(peer, "actor", "secret", [], timeout=10))
+        await asyncio.sleep(0.01)
+        rogue.bind(endpoint)
+        time.sleep(1.0)  # the loop is busy; libzmq connects (retry interval 50 ms) on its own
+        reached = bool(rogue.poll(0))
+        with pytest.raises(EndpointConflict):
+            await asyncio.wait_for(call, 5)
+        assert not reached, "a request made before the first CONNECTED reached the process that took the path over"
+    finally:
+        rogue.close(linger=0)
+        named.kill()
+        named.wait()
+        await node.close()
+        ctx.term()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.xfail(strict=False, reason=(
+    "a race, so it fails in most runs, not all; residual window (actors/_node.py Peer): a request sent after the connection really dropped "
+    "but before the event loop has seen DISCONNECTED goes to zmq (the Peer still believes it is "
+    "connected); the Peer replaces that socket as soon as it sees the drop, but if the loop stays "
+    "blocked past libzmq's reconnect interval (50 ms) and the path is taken over meanwhile, "
+    "libzmq's own reconnect delivers it first. Closing it needs a check libzmq makes itself before "
+    "it sends (an identity handshake: CURVE with the actor's server key), not one the loop makes."))
+async def test_a_request_sent_before_the_loop_sees_the_drop_never_reaches_a_process_that_took_the_path_over(
+        tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from cascada.actors._node import Node, NodeConfig
+    from cascada.transport._wire import Kind
+
+    endpoint = f"ipc://{tmp_path / 'actor.ipc'}"
+    node = Node("r18-window", f"ipc://{tmp_path / 'me.ipc'}", NodeConfig())
+    await node.start()
+    victim = subprocess.Popen([sys.executable, "-c", _VICTIM, endpoint], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    ctx: zmq.Context[Any] = zmq.Context()
+    rogue = ctx.socket(zmq.ROUTER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    try:
+        assert victim.stdout is not None and victim.stdin is not None
+        assert victim.stdout.readline().strip() == "bound"
+        peer = node.peer(endpoint, victim.pid, node.host)
+        deadline = time.monotonic() + 5
+        while not peer.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert peer.connected
+        victim.stdin.write("close\n")
+        victim.stdin.flush()
+        assert victim.stdout.readline().strip() == "closed"  # the loop has not run since
+        peer.send(Kind.TELL, next(node.corr), "actor", "secret", None, [[], None])
+        rogue.bind(endpoint)
+        time.sleep(1.0)  # the loop stays blocked; libzmq reconnects on its own threads
+        assert not rogue.poll(0), "a request sent before the loop saw the drop reached the process that took the path over"
+    finally:
+        rogue.close(linger=0)
+        victim.kill()
+        victim.wait()
+        for pipe in (victim.stdin, victim.stdout):
+            if pipe is not None:
+                pipe.close()
+        await node.close()
+        ctx.term()
+
+
+_REBINDS = """\
+import sys, zmq
+ctx = zmq.Context(); s = ctx.socket(zmq.ROUTER); s.setsockopt(zmq.LINGER, 0); s.bind(sys.argv[1])
+print("bound", flush=True); sys.stdin.readline(); s.close(linger=0); print("closed", flush=True)
+sys.stdin.readline(); s = ctx.socket(zmq.ROUTER); s.setsockopt(zmq.LINGER, 0); s.bind(sys.argv[1])
+print("rebound", flush=True)
+while s.poll(3000):
+    frames = s.recv_multipart()
+    print(" ".join(m for m in ("expired", "cancelled", "first", "second") if m.encode() in b"".join(frames)), flush=True)
+print("done", flush=True)
+"""
+
+
+@pytest.mark.timeout(30)
+async def test_requests_held_while_disconnected_keep_deadlines_and_order(tmp_path: Any) -> None:
+    """While an ipc connection is down the Peer holds requests: one whose deadline passes
+    fails with Overloaded (a DeadlineExceeded: it did not run) and one cancelled by its caller
+    is dropped, neither is ever sent; the rest go, in order, once the same process listens
+    again and the reconnect is checked."""
+    import subprocess
+    import sys
+
+    from cascada.actors import Overloaded
+    from cascada.actors._node import Node, NodeConfig
+    from cascada.transport._wire import Kind
+
+    endpoint = f"ipc://{tmp_path / 'actor.ipc'}"
+    node = Node("r18-held", f"ipc://{tmp_path / 'me.ipc'}", NodeConfig())
+    await node.start()
+    victim = subprocess.Popen([sys.executable, "-c", _REBINDS, endpoint], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert victim.stdout is not None and victim.stdin is not None
+        assert victim.stdout.readline().strip() == "bound"
+        peer = node.peer(endpoint, victim.pid, node.host)
+        deadline = time.monotonic() + 5
+        while not peer.connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        assert peer.connected
+        victim.stdin.write("close\n")
+        victim.stdin.flush()
+        assert victim.stdout.readline().strip() == "closed"
+        while peer.connected and time.monotonic() < deadline + 5:
+            await asyncio.sleep(0.005)
+        t0 = time.monotonic()
+        with pytest.raises(Overloaded):
+            await node.call(peer, "actor", "expired", [], timeout=0.2)
+        assert time.monotonic() - t0 < 1.0
+        cancelled = asyncio.ensure_future(node.call(peer, "actor", "cancelled", [], timeout=10))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        first = peer.send(Kind.TELL, next(node.corr), "actor", "first", None, [[], None])
+        second = peer.send(Kind.TELL, next(node.corr), "actor", "second", None, [[], None])
+        assert first is not None and second is not None and not first.done()
+        victim.stdin.write("rebind\n")
+        victim.stdin.flush()
+        assert victim.stdout.readline().strip() == "rebound"
+        await asyncio.wait_for(asyncio.gather(peer.wait_sent(first, None, "first"),
+                                              peer.wait_sent(second, None, "second")), 5)
+        assert peer.connected and peer.dead is None
+        got = []
+        while (line := (await asyncio.to_thread(victim.stdout.readline)).strip()) != "done":
+            got.append(line)
+        assert got == ["first", "second"] or got == ["first second"], got
+    finally:
+        victim.kill()
+        victim.wait()
+        for pipe in (victim.stdin, victim.stdout):
+            if pipe is not None:
+                pipe.close()
+        await node.close()
+
+
+async def test_abstract_namespace_and_tcp_endpoints_are_not_checked(monkeypatch: Any) -> None:
+    """No socket file, no SO_PEERCRED check: an abstract-namespace ipc endpoint and a tcp one
+    bind and connect as before, whatever pid a ref names."""
+    import secrets
+
+    import cascada.actors._node as N
+    from cascada.actors import ActorNotFound
+
+    checked: list[Any] = []
+    monkeypatch.setattr(N, "check_ipc_listener", lambda *a, **k: checked.append(a))
+    monkeypatch.setattr(N, "claim_ipc_path", lambda *a: checked.append(a))
+    a = N.Node("abstract", f"ipc://@cascada-test-{secrets.token_hex(6)}", N.NodeConfig())
+    b = N.Node("tcp", "tcp://127.0.0.1:*", N.NodeConfig())
+    await a.start()
+    await b.start()
+    try:
+        for caller, callee in ((b, a), (a, b)):
+            peer = caller.peer(callee.endpoint, 1, caller.host)  # pid 1 is not the listener
+            with pytest.raises(ActorNotFound):
+                await caller.call(peer, None, "no-such-op", [], timeout=10)
+        assert checked == []
+    finally:
+        await a.close()
+        await b.close()
+
+
 # -- R12 ------------------------------------------------------------------------------------
 
 
@@ -185,12 +472,6 @@ async def test_r18a_takeover_is_impossible_for_others_and_detected_for_the_same_
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime gap (actors/_node.py): Peer connects to an ipc endpoint without checking who listens "
-    "there, so a fresh client reaches a same-user process that took the path over; Node.start "
-    "binds over a live listener (libzmq unlinks and rebinds). Fix: transport._endpoints."
-    "check_ipc_listener(endpoint, pid) before connecting and on every CONNECTED event (mark the "
-    "peer dead with EndpointConflict), and claim_ipc_path(path) before bind."))
 async def test_r18a_a_fresh_client_never_reaches_the_wrong_actor(record_property: Any) -> None:
     _check(await W.r18a_client_never_reaches_the_wrong_actor(), record_property)
 
@@ -246,25 +527,36 @@ async def test_r21_amplification_within_16_mib_at_a_128_kib_header_cap(record_pr
 
 
 @pytest.mark.timeout(40)
-@pytest.mark.xfail(strict=True, reason=(
-    "design limit (documented in the README): a header decodes into at most ~70 bytes of objects "
-    "per byte, so at the default max_header_bytes (1 MiB) one header of empty arrays or maps "
-    "raises the receiver's VmHWM by ~75 MiB, over a 16 MiB bound. Lowering the default to "
-    "<= 192 KiB (or capping objects per header) would meet it."))
 async def test_r21_amplification_within_16_mib_at_the_default_header_cap(record_property: Any) -> None:
     _check(await W.r21_amplification(), record_property)
 
 
-@pytest.mark.timeout(40)
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime gap: a message's frames are capped in count (max_frames) and each in size "
-    "(ZMQ_MAXMSGSIZE), not in total, and out-of-band frames no descriptor refers to are "
-    "accepted: 48 x 1 MiB unreferenced frames are delivered and the receiver holds all 48 MiB "
-    "(libzmq hands a multipart message over whole; worst case 1024 x 1 GiB). Fix: reject "
-    "unreferenced frames and add a total-bytes cap (and lower the defaults); the memory is "
-    "only bounded by the limits libzmq enforces, or by authenticating peers."))
+@pytest.mark.timeout(60)
+async def test_r21_scalar_headers_within_the_stated_bound_at_the_default_header_cap(record_property: Any) -> None:
+    _check(await W.r21_scalar_amplification(), record_property)
+
+
+@pytest.mark.timeout(60)
+async def test_r21_every_header_bomb_within_16_mib_at_a_256_kib_header_cap(record_property: Any) -> None:
+    _check(await W.r21_scalar_amplification(max_header_bytes=256 << 10, bound_mib=W.BOMB_BOUND_MIB), record_property)
+
+
+@pytest.mark.timeout(60)
 async def test_r21_many_unreferenced_frames_in_one_message(record_property: Any) -> None:
     _check(await W.r21_multipart_total_bytes(), record_property)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason=(
+    "libzmq limit: a message of 48 x 1 MiB unreferenced frames is now refused and dropped at once "
+    "(VmRSS back to its level), but libzmq assembles a multipart message whole before the "
+    "application sees its first frame, and checks ZMQ_MAXMSGSIZE (max_frame_bytes) per frame "
+    "only, so the receiver's VmHWM still rises by the 48 MiB sent (up to max_frames x "
+    "max_frame_bytes). Only a per-message byte limit inside libzmq (it has none), defaults low "
+    "enough that max_frames x max_frame_bytes <= 16 MiB (which would stop tensors travelling "
+    "inline), or authenticated peers would bound it."))
+async def test_r21_unreferenced_frames_transient_peak_within_16_mib(record_property: Any) -> None:
+    _check(await W.r21_multipart_total_bytes(strict_peak=True), record_property)
 
 
 # -- R22 ------------------------------------------------------------------------------------
