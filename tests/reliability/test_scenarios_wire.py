@@ -10,10 +10,12 @@ Set CASCADA_RELIABILITY_RECORDS=path to append every record to a JSON-lines file
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -189,24 +191,30 @@ print("bound", flush=True); sys.stdin.readline(); s.close(linger=0); print("clos
 import time; time.sleep(60)
 """
 
+def _end(proc: Any) -> None:
+    proc.kill()
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            pipe.close()
 
-@pytest.mark.timeout(30)
-async def test_a_request_sent_while_disconnected_never_reaches_a_process_that_took_the_path_over(
-        tmp_path: Any) -> None:
-    """libzmq reconnects on its own threads, and would send what it queued as soon as the new
-    connection's handshake completes, before the event loop sees CONNECTED and checks the
-    listener. So a Peer holds requests itself while an ipc connection is down, and releases
-    them only once the check passes; here it fails, and the held request fails with
-    EndpointConflict without ever reaching the process that took the path over."""
+
+@contextlib.asynccontextmanager
+async def _dropped_victim(tmp_path: Any, name: str,
+                          script: str = "") -> AsyncIterator[tuple[Any, Any, Any, str, float, Any]]:
+    """A node whose Peer connected to a victim process's ipc path; the victim then closed its
+    listener (alive, not listening: the peer's pid check still names it). Yields the node,
+    the peer, an unbound ROUTER to take the path over with, the path, the connect deadline and
+    the victim process (``script``, _VICTIM by default, prints "bound" and, told, "closed")."""
     import subprocess
     import sys
 
     from cascada.actors._node import Node, NodeConfig
 
     endpoint = f"ipc://{tmp_path / 'actor.ipc'}"
-    node = Node("r18-queued", f"ipc://{tmp_path / 'me.ipc'}", NodeConfig())
+    node = Node(name, f"ipc://{tmp_path / 'me.ipc'}", NodeConfig())
     await node.start()
-    victim = subprocess.Popen([sys.executable, "-c", _VICTIM, endpoint], stdin=subprocess.PIPE,
+    victim = subprocess.Popen([sys.executable, "-c", script or _VICTIM, endpoint], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     ctx: zmq.Context[Any] = zmq.Context()
     rogue = ctx.socket(zmq.ROUTER)
@@ -221,7 +229,25 @@ async def test_a_request_sent_while_disconnected_never_reaches_a_process_that_to
         assert peer.connected
         victim.stdin.write("close\n")
         victim.stdin.flush()
-        assert victim.stdout.readline().strip() == "closed"  # alive, no longer listening
+        assert victim.stdout.readline().strip() == "closed"  # alive, no longer listening; the loop has not run since
+        yield node, peer, rogue, endpoint, deadline, victim
+    finally:
+        rogue.close(linger=0)
+        _end(victim)
+        await node.close()
+        ctx.term()
+
+
+
+@pytest.mark.timeout(30)
+async def test_a_request_sent_while_disconnected_never_reaches_a_process_that_took_the_path_over(
+        tmp_path: Any) -> None:
+    """libzmq reconnects on its own threads, and would send what it queued as soon as the new
+    connection's handshake completes, before the event loop sees CONNECTED and checks the
+    listener. So a Peer holds requests itself while an ipc connection is down, and releases
+    them only once the check passes; here it fails, and the held request fails with
+    EndpointConflict without ever reaching the process that took the path over."""
+    async with _dropped_victim(tmp_path, "r18-queued") as (node, peer, rogue, endpoint, deadline, _):
         while peer.connected and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.005)
         call = asyncio.ensure_future(node.call(peer, "actor", "secret", [], timeout=10))
@@ -232,15 +258,6 @@ async def test_a_request_sent_while_disconnected_never_reaches_a_process_that_to
         with pytest.raises(EndpointConflict):
             await asyncio.wait_for(call, 5)
         assert not reached, "a request sent while disconnected reached the process that took the path over"
-    finally:
-        rogue.close(linger=0)
-        victim.kill()
-        victim.wait()
-        for pipe in (victim.stdin, victim.stdout):
-            if pipe is not None:
-                pipe.close()
-        await node.close()
-        ctx.term()
 
 
 @pytest.mark.timeout(30)
@@ -289,44 +306,13 @@ async def test_a_first_request_on_a_fresh_connection_never_reaches_a_process_tha
     "it sends (an identity handshake: CURVE with the actor's server key), not one the loop makes."))
 async def test_a_request_sent_before_the_loop_sees_the_drop_never_reaches_a_process_that_took_the_path_over(
         tmp_path: Any) -> None:
-    import subprocess
-    import sys
-
-    from cascada.actors._node import Node, NodeConfig
     from cascada.transport._wire import Kind
 
-    endpoint = f"ipc://{tmp_path / 'actor.ipc'}"
-    node = Node("r18-window", f"ipc://{tmp_path / 'me.ipc'}", NodeConfig())
-    await node.start()
-    victim = subprocess.Popen([sys.executable, "-c", _VICTIM, endpoint], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    ctx: zmq.Context[Any] = zmq.Context()
-    rogue = ctx.socket(zmq.ROUTER)
-    rogue.setsockopt(zmq.LINGER, 0)
-    try:
-        assert victim.stdout is not None and victim.stdin is not None
-        assert victim.stdout.readline().strip() == "bound"
-        peer = node.peer(endpoint, victim.pid, node.host)
-        deadline = time.monotonic() + 5
-        while not peer.connected and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        assert peer.connected
-        victim.stdin.write("close\n")
-        victim.stdin.flush()
-        assert victim.stdout.readline().strip() == "closed"  # the loop has not run since
+    async with _dropped_victim(tmp_path, "r18-window") as (node, peer, rogue, endpoint, _, _):
         peer.send(Kind.TELL, next(node.corr), "actor", "secret", None, [[], None])
         rogue.bind(endpoint)
         time.sleep(1.0)  # the loop stays blocked; libzmq reconnects on its own threads
         assert not rogue.poll(0), "a request sent before the loop saw the drop reached the process that took the path over"
-    finally:
-        rogue.close(linger=0)
-        victim.kill()
-        victim.wait()
-        for pipe in (victim.stdin, victim.stdout):
-            if pipe is not None:
-                pipe.close()
-        await node.close()
-        ctx.term()
 
 
 _REBINDS = """\
@@ -348,29 +334,10 @@ async def test_requests_held_while_disconnected_keep_deadlines_and_order(tmp_pat
     fails with Overloaded (a DeadlineExceeded: it did not run) and one cancelled by its caller
     is dropped, neither is ever sent; the rest go, in order, once the same process listens
     again and the reconnect is checked."""
-    import subprocess
-    import sys
-
     from cascada.actors import Overloaded
-    from cascada.actors._node import Node, NodeConfig
     from cascada.transport._wire import Kind
 
-    endpoint = f"ipc://{tmp_path / 'actor.ipc'}"
-    node = Node("r18-held", f"ipc://{tmp_path / 'me.ipc'}", NodeConfig())
-    await node.start()
-    victim = subprocess.Popen([sys.executable, "-c", _REBINDS, endpoint], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert victim.stdout is not None and victim.stdin is not None
-        assert victim.stdout.readline().strip() == "bound"
-        peer = node.peer(endpoint, victim.pid, node.host)
-        deadline = time.monotonic() + 5
-        while not peer.connected and time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-        assert peer.connected
-        victim.stdin.write("close\n")
-        victim.stdin.flush()
-        assert victim.stdout.readline().strip() == "closed"
+    async with _dropped_victim(tmp_path, "r18-held", _REBINDS) as (node, peer, _, _, deadline, victim):
         while peer.connected and time.monotonic() < deadline + 5:
             await asyncio.sleep(0.005)
         t0 = time.monotonic()
@@ -393,13 +360,6 @@ async def test_requests_held_while_disconnected_keep_deadlines_and_order(tmp_pat
         while (line := (await asyncio.to_thread(victim.stdout.readline)).strip()) != "done":
             got.append(line)
         assert got == ["first", "second"] or got == ["first second"], got
-    finally:
-        victim.kill()
-        victim.wait()
-        for pipe in (victim.stdin, victim.stdout):
-            if pipe is not None:
-                pipe.close()
-        await node.close()
 
 
 async def test_abstract_namespace_and_tcp_endpoints_are_not_checked(monkeypatch: Any) -> None:
