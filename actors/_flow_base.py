@@ -102,14 +102,8 @@ class Flow(Actor):
                     result = await self._run(item, **options)
             else:
                 result = await self._run(item, **options)
-        except asyncio.CancelledError:
-            stats.cancelled += 1
-            raise
-        except DeadlineExceeded:
-            stats.deadline += 1
-            raise
-        except BaseException:
-            stats.errors += 1
+        except BaseException as exc:
+            stats.failed(exc)
             raise
         finally:
             stats.in_flight -= 1
@@ -129,17 +123,8 @@ class Flow(Actor):
             async with closing(self._stream(item, **options)) as items:
                 async for x in items:
                     yield x
-        except asyncio.CancelledError:
-            stats.cancelled += 1
-            raise
-        except GeneratorExit:  # the consumer left early
-            stats.cancelled += 1
-            raise
-        except DeadlineExceeded:
-            stats.deadline += 1
-            raise
-        except BaseException:
-            stats.errors += 1
+        except BaseException as exc:  # GeneratorExit: the consumer left early
+            stats.failed(exc)
             raise
         else:
             stats.ok += 1

@@ -8,9 +8,12 @@ wall-clock seconds are always counted.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import deque
 from typing import Any
+
+from ..transport._errors import DeadlineExceeded
 
 WINDOW = 2048
 
@@ -101,6 +104,16 @@ class FlowStats:
         self.deadline = 0
         self.in_flight = 0
         self.latency = Latency()
+
+    def failed(self, exc: BaseException) -> None:
+        """Count a request that ended with exc: cancelled (or left early by its consumer),
+        past its deadline, or an error."""
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            self.cancelled += 1
+        elif isinstance(exc, DeadlineExceeded):
+            self.deadline += 1
+        else:
+            self.errors += 1
 
     def snapshot(self) -> dict[str, Any]:
         return {"requests": self.requests, "ok": self.ok, "errors": self.errors, "cancelled": self.cancelled,
