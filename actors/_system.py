@@ -112,6 +112,8 @@ class ActorSystem:
       frame) or ``"error"``. ``lease_ttl``: seconds after which a lease that no consumer took
       up is reclaimed (None: only when the consumer dies). ``cuda_cross_host``: ``"copy"``
       (stage a CUDA tensor through host memory) or ``"error"`` (HandleNotPortable).
+      ``tensor_copy_threads``: threads that copy a tensor of 4 MiB or more into the pool (the
+      sender's own thread included; None: 2, or 1 on a one-CPU machine).
     - Liveness: every actor process's event loop sends a heartbeat each
       ``heartbeat_interval`` seconds on a channel of its own; one silent for
       ``heartbeat_interval x heartbeat_liveness`` seconds (SIGSTOPped, or a handler blocking
@@ -149,6 +151,7 @@ class ActorSystem:
         shm_on_exhausted: OnExhausted = "wait",
         lease_ttl: float | None = 60.0,
         cuda_cross_host: CudaCrossHost = "copy",
+        tensor_copy_threads: int | None = None,
         heartbeat_interval: float | None = 0.5,
         heartbeat_liveness: int = 10,
         restart_intensity: int = 3,
@@ -167,7 +170,8 @@ class ActorSystem:
                                  stream_window=stream_window, default_timeout=default_timeout,
                                  tensors=TensorOptions(inline_max=tensor_inline_max, shm_pool_bytes=shm_pool_bytes,
                                                        shm_on_exhausted=shm_on_exhausted, lease_ttl=lease_ttl,
-                                                       cuda_cross_host=cuda_cross_host))
+                                                       cuda_cross_host=cuda_cross_host,
+                                                       copy_threads=tensor_copy_threads))
         if transport not in ("ipc", "tcp"):
             raise ConfigurationError(f"transport must be 'ipc' or 'tcp', got {transport!r}")
         if transport == "tcp" and not (isinstance(tcp_host, str) and tcp_host.startswith(_LOOPBACK)):

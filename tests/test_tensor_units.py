@@ -571,6 +571,92 @@ def test_reader_cache_is_bounded(pool: ShmPool, shm_dir: str) -> None:
         reader.close()
 
 
+def test_reader_cache_hit_costs_no_open_and_passes_release_args(pool: ShmPool, reader: ShmReader) -> None:
+    seg = pool.allocate(1000)
+    assert seg is not None
+    calls: list[tuple[Any, ...]] = []
+    buf = reader.open(seg.name, seg.gen, 0, 10, lambda *a: calls.append(a), "ep", 7, 42)
+    mapped = reader._maps[seg.name]
+    del buf
+    gc.collect()
+    assert calls == [("ep", 7, 42)]  # exactly once, with the arguments given to open
+    buf = reader.open(seg.name, seg.gen, 0, 10, lambda *a: calls.append(a), "ep", 7, 43)
+    assert reader._maps[seg.name] is mapped and len(reader) == 1  # the cached mapping, not a new one
+    del buf
+    gc.collect()
+    assert calls == [("ep", 7, 42), ("ep", 7, 43)] and not seg.held_elsewhere()
+    seg.release()
+
+
+def test_reader_drops_cached_mapping_of_evicted_segment(shm_dir: str, reader: ShmReader) -> None:
+    # A 2 MiB pool: a second 1 MiB class segment evicts the first, free one.
+    pool = ShmPool(max_bytes=2 * MiB, directory=shm_dir)
+    try:
+        first = pool.allocate(MiB)
+        assert first is not None
+        name, gen = first.name, first.gen
+        buf = reader.open(name, gen, 0, 10, lambda: None)
+        del buf
+        gc.collect()
+        assert len(reader) == 1
+        mapped = reader._maps[name]
+        first.release()  # free, and still cached by the reader
+        second = pool.allocate(MiB + 256 * KiB)  # another size class: evicts the first
+        assert second is not None and pool.stats.evicted == 1
+        assert shm_files(shm_dir) == [second.name]
+        # The dead mark: a hit on the evicted segment is TensorLost and drops the mapping.
+        with pytest.raises(TensorLost, match="evicted"):
+            reader.open(name, gen, 0, 10, lambda: None)
+        assert len(reader) == 0 and mapped.mm.closed  # unmapped: its memory is let go
+        second.release()
+    finally:
+        pool.close()
+
+
+def test_reader_new_mapping_unmaps_idle_dead_ones(shm_dir: str, reader: ShmReader) -> None:
+    pool = ShmPool(max_bytes=2 * MiB, directory=shm_dir)
+    try:
+        first = pool.allocate(MiB)
+        assert first is not None
+        del_me = reader.open(first.name, first.gen, 0, 10, lambda: None)
+        del del_me
+        gc.collect()
+        first.release()
+        second = pool.allocate(MiB + 256 * KiB)  # evicts (and unlinks) the first
+        assert second is not None
+        mapped = reader._maps[first.name]  # the reader has not looked yet
+        buf = reader.open(second.name, second.gen, 0, 10, lambda: None)
+        # Making a new mapping looked at the idle ones: the dead segment's memory is let go.
+        assert list(reader._maps) == [second.name] and mapped.mm.closed
+        del buf
+        gc.collect()
+        second.release()
+    finally:
+        pool.close()
+
+
+def test_reader_keeps_dead_mapping_while_viewed(shm_dir: str, reader: ShmReader) -> None:
+    pool = ShmPool(max_bytes=2 * MiB, directory=shm_dir)
+    try:
+        seg = pool.allocate(MiB)
+        assert seg is not None
+        seg.view(4)[:] = b"abcd"
+        calls: list[int] = []
+        buf = reader.open(seg.name, seg.gen, 0, 4, lambda: calls.append(1))
+        pool.close()  # marks every segment dead and unlinks it
+        other = pool.allocate(10)
+        assert other is None
+        with pytest.raises(TensorLost):  # a second message naming it: gone
+            reader.open(seg.name, seg.gen, 0, 4, lambda: None)
+        assert buf[:] == b"abcd" and calls == []  # the live view is untouched
+        del buf
+        gc.collect()
+        assert calls == [1] and len(reader) == 0
+        seg.release()
+    finally:
+        pool.close()
+
+
 def test_pool_close_unlinks_everything(shm_dir: str, reader: ShmReader) -> None:
     pool = ShmPool(max_bytes=8 * MiB, directory=shm_dir)
     free = pool.allocate(1000)

@@ -91,7 +91,10 @@ class LeaseTable:
         lease_id = next(self._ids)
         resource.acquire()
         self._leases[lease_id] = _Lease(resource, consumer, self._clock())
-        self._by_consumer.setdefault(consumer, set()).add(lease_id)
+        ids = self._by_consumer.get(consumer)
+        if ids is None:
+            ids = self._by_consumer[consumer] = set()
+        ids.add(lease_id)
         self.stats.issued += 1
         return lease_id
 

@@ -9,7 +9,9 @@ A segment holds one tensor at a time. Its first 64 bytes are a header with a gen
 number that the owner bumps each time the segment is recycled; a descriptor names the
 segment *and* the generation, so a consumer that arrives late (its lease expired, or the
 owner died and the name was reused) sees a mismatch and fails with TensorLost instead of
-reading someone else's data.
+reading someone else's data. When the owner evicts or unlinks a segment it first writes a
+"dead" magic into the header, so consumers drop their cached mapping of it (and the memory
+it pins) instead of keeping it until the cache overflows.
 
 Consumers hold a shared ``flock`` on a segment while any of their views of it is alive. The
 owner recycles a segment only when it can take the exclusive lock, so memory is never
@@ -29,7 +31,6 @@ import secrets
 import stat
 import struct
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,7 @@ from ._errors import ConfigurationError, ProtocolError, TensorLost
 SHM_DIR = "/dev/shm"
 HEADER = 64  # keeps the data 64-byte aligned
 _MAGIC = b"CSCDSHM1"
+_DEAD = b"CSCDDEAD"  # written by the owner before it unlinks a segment (evicted, or the pool closed)
 _HEADER_FMT = "<8sQ"  # magic, generation
 _NAME = re.compile(r"cascada-(\d{1,10})-[0-9a-f]{8}-\d{1,10}")  # always fullmatch
 _TORCH_COUNTS = re.compile(r"torch_(\d{1,10})_\d{1,20}_\d{1,20}")
@@ -132,6 +134,8 @@ class Segment:
         if self.fd < 0:
             return
         if unlink:
+            # Consumers that cached a mapping of this segment see the mark and let it go.
+            self.mm[:8] = _DEAD
             try:
                 os.unlink(os.path.join(self.pool.directory, self.name))
             except FileNotFoundError:
@@ -283,11 +287,13 @@ class ShmPool:
         """The segment whose data area holds [address, address + nbytes), if any: a tensor
         made with ``cascada.empty`` is handed over without a copy."""
         with self.lock:
-            starts = self._starts
-            i = bisect.bisect_right(starts, address) - 1
-            if i < 0:
-                return None
-            seg = self._by_start[starts[i]]
+            seg = self._by_start.get(address)  # the common case: the whole tensor
+            if seg is None:
+                starts = self._starts
+                i = bisect.bisect_right(starts, address) - 1
+                if i < 0:
+                    return None
+                seg = self._by_start[starts[i]]
             if seg.refs > 0 and address + nbytes <= seg.address + seg.capacity:
                 return seg
         return None
@@ -331,10 +337,37 @@ class _Mapped:
         self.size = size
         self.holders = 0
 
+    def dead(self) -> bool:
+        """The owner marked this segment evicted or unlinked (or it was never ours)."""
+        return self.mm[:8] != _MAGIC
+
+
+class _Hold:
+    """Hangs off a buffer the reader handed out: when the buffer (and so every tensor over
+    it) is freed, the reader lets go of the segment, then ``on_release(*args)`` runs. A
+    ``__del__`` costs a fraction of a ``weakref.finalize`` and runs exactly once."""
+
+    __slots__ = ("reader", "name", "mapped", "on_release", "args")
+
+    def __init__(self, reader: ShmReader, name: str, mapped: _Mapped, on_release: Callable[..., None],
+                 args: tuple[Any, ...]) -> None:
+        self.reader = reader
+        self.name = name
+        self.mapped = mapped
+        self.on_release = on_release
+        self.args = args
+
+    def __del__(self) -> None:
+        self.reader._released(self.name, self.mapped, self.on_release, self.args)
+
 
 class ShmReader:
     """Opens segments named in descriptors. Mappings are cached (LRU, bounded) because the
-    same segments come back again and again; a mapping in use is never evicted."""
+    same segments come back again and again: a hit costs no open, fstat or mmap, only the
+    shared lock (a syscall) when no view of the segment is alive. A mapping in use is never
+    evicted. A cached mapping goes when its segment is marked dead by its owner (seen on a
+    hit, and checked for every idle mapping whenever a new one is made), when its owner's
+    process is gone (``forget_owner``), or when the cache is over ``max_cached``."""
 
     def __init__(self, *, directory: str = SHM_DIR, max_cached: int = 64) -> None:
         self.directory = directory
@@ -346,17 +379,21 @@ class ShmReader:
     def owner_of(name: str) -> int:
         return owner_of(name)
 
-    def open(self, name: str, gen: int, offset: int, nbytes: int, on_release: Callable[[], None]) -> Any:
-        """A writable buffer over the tensor's bytes. ``on_release`` runs once, on whatever
-        thread frees the last view, after this process has let go of the segment."""
-        owner_of(name)  # validates the name: no path tricks
+    def open(self, name: str, gen: int, offset: int, nbytes: int, on_release: Callable[..., None],
+             *args: Any) -> Any:
+        """A writable buffer over the tensor's bytes. ``on_release(*args)`` runs once, on
+        whatever thread frees the last view, after this process has let go of the segment."""
         with self._lock:
-            mapped = self._maps.get(name)
+            maps = self._maps
+            mapped = maps.get(name)
+            fresh = mapped is None
             if mapped is None:
+                owner_of(name)  # validates the name: no path tricks (a cached name was checked)
+                self._drop_dead()
                 mapped = self._map(name)
-                self._maps[name] = mapped
+                maps[name] = mapped
             else:
-                self._maps.move_to_end(name)
+                maps.move_to_end(name)
             if HEADER + offset + nbytes > mapped.size:
                 raise ProtocolError(f"descriptor claims bytes {offset}..{offset + nbytes} but segment "
                                     f"{name} holds {mapped.size - HEADER}")
@@ -369,9 +406,15 @@ class ShmReader:
                     raise TensorLost(f"shm segment {name} was being recycled: the lease expired "
                                      "before this message was delivered") from None
             mapped.holders += 1
+            if fresh:
+                self._trim()  # only a new mapping grows the cache; this one is in use now
             try:
                 magic, current = struct.unpack_from(_HEADER_FMT, mapped.mm, 0)
                 if magic != _MAGIC:
+                    if magic == _DEAD:
+                        del maps[name]  # unmapped by _let_go below once nothing views it
+                        raise TensorLost(f"shm segment {name} is gone: its owner (pid {owner_of(name)}) "
+                                         "evicted it or closed its pool before this message was used")
                     raise ProtocolError(f"shm segment {name} is not a cascada segment")
                 if current != gen:
                     raise TensorLost(
@@ -381,8 +424,7 @@ class ShmReader:
             except BaseException:
                 self._let_go(name, mapped)
                 raise
-            self._trim()
-        weakref.finalize(buf, self._released, name, mapped, on_release)
+        buf._hold = _Hold(self, name, mapped, on_release, args)  # type: ignore[attr-defined]
         return buf
 
     def _map(self, name: str) -> _Mapped:
@@ -404,11 +446,19 @@ class ShmReader:
             raise
         return _Mapped(fd, mm, st.st_size)
 
-    def _released(self, name: str, mapped: _Mapped, on_release: Callable[[], None]) -> None:
+    def _released(self, name: str, mapped: _Mapped, on_release: Callable[..., None], args: tuple[Any, ...]) -> None:
         with self._lock:
             self._let_go(name, mapped)
             self._trim()
-        on_release()
+        on_release(*args)
+
+    def _drop_dead(self) -> None:  # with the lock held
+        """Unmap idle cached segments their owners have since unlinked: each pins its memory
+        for as long as it stays mapped. A read of each header, no syscall."""
+        maps = self._maps
+        dead = [name for name, m in maps.items() if m.holders == 0 and m.dead()]
+        for name in dead:
+            _unmap(maps.pop(name))
 
     def _let_go(self, name: str, mapped: _Mapped) -> None:  # with the lock held
         mapped.holders -= 1
