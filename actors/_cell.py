@@ -10,7 +10,6 @@ import time
 from collections import OrderedDict, deque
 from typing import TYPE_CHECKING, Any
 
-from ..transport._endpoints import process_gone
 from ..transport._errors import DeadlineExceeded, TensorLost
 from ..transport._wire import Kind
 from ._actor import Actor, Handler, handlers_of
@@ -238,7 +237,8 @@ class ActorCell:
                                             "message waited in the mailbox; it was not run"), "deadline")
             return
         if msg.owners is not None:
-            dead = [pid for pid in msg.owners if process_gone(pid)]
+            gone = self.node.owners.gone
+            dead = [pid for pid in msg.owners if gone(pid)]
             if dead:
                 self.node.tensors.stats.lost += 1
                 self._fail(msg, TensorLost(

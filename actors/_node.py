@@ -27,7 +27,8 @@ import msgpack
 import zmq
 
 from ..transport import _monitor
-from ..transport._endpoints import check_endpoint, check_ipc_listener, claim_ipc_path, host_id, ipc_path, process_gone
+from ..transport._endpoints import (ProcessWatch, check_endpoint, check_ipc_listener, claim_ipc_path, host_id,
+                                    ipc_path, process_gone)
 from ..transport._errors import (
     CascadaError,
     ConfigurationError,
@@ -251,6 +252,7 @@ class Node:
         self.tombstones: dict[str, BaseException] = {}
         self.dead_endpoints: dict[str, ActorDied] = {}  # the same, by address, for peers made later
         self.stats = NodeStats()
+        self.owners = ProcessWatch()  # are the owners of a message's leased tensors alive?
         self.tasks = TaskSet(f"node {node_id}")
         self.corr = itertools.count(1)
         self.log = RateLimitedLog()
@@ -321,6 +323,7 @@ class Node:
             self._ctx = None
         self.tensors.on_release = None
         self.tensors.close()
+        self.owners.close()
 
     def stats_snapshot(self) -> dict[str, int]:
         stats = self.stats.to_dict()
@@ -533,6 +536,7 @@ class Node:
         self.tensors.dest = self.dest_for(identity)
         try:
             frames = self.codec.encode(kind, corr, None, None, None, None, body, None, self.incarnation)
+            batch = not self.codec.leased
         except PoolBusy:
             raise
         except CascadaError as exc:
@@ -541,7 +545,7 @@ class Node:
                 raise
             self.send_error(identity, corr, code, type(exc).__name__, f"the reply cannot travel: {exc}", None)
             return None
-        return self._route(identity, frames)
+        return self._route(identity, frames, batch)
 
     def dest_for(self, identity: bytes) -> Destination:
         """Where a reply to this caller connection goes (its routing id names its pid and host)."""
@@ -569,14 +573,14 @@ class Node:
                                        error_body(code, type_name, message, tb), None, self.incarnation)
         self._route(identity, frames)
 
-    def _route(self, identity: bytes, frames: list[Any]) -> asyncio.Future[None] | None:
+    def _route(self, identity: bytes, frames: list[Any], batch: bool = True) -> asyncio.Future[None] | None:
         router = self._router
         if router is None or router.closed:
             self.stats.unroutable_replies += 1
             return None
         self.stats.sent += 1
         try:
-            return router.send([identity, *frames])
+            return router.send([identity, *frames], batch)
         except Unroutable:
             # The caller's connection is gone; it has already failed its pending calls.
             self.stats.unroutable_replies += 1
@@ -1385,4 +1389,4 @@ class Peer:
         node.tensors.dest = self.dest
         frames = node.codec.encode(kind, corr, node.id, target, method, deadline, body, opts, None, ctx, key, expect)
         node.stats.sent += 1
-        return self.sock.send(frames)
+        return self.sock.send(frames, not node.codec.leased)

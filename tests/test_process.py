@@ -428,3 +428,28 @@ def _zombie_or_gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except OSError:
         return True
+
+
+def test_process_watch_sees_an_exit_before_the_reap() -> None:
+    """ProcessWatch (the per-message owner check) agrees with process_gone: alive, then gone
+    as soon as the process exits (a zombie counts), with its pidfd closed after."""
+    from cascada.transport._endpoints import ProcessWatch, process_gone
+
+    watch = ProcessWatch()
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        assert watch.gone(child.pid) is False and watch.gone(child.pid) is False
+        assert len(watch._fds) == 1
+        assert child.stdin is not None
+        child.stdin.close()
+        deadline = time.monotonic() + 10
+        while not process_gone(child.pid) and time.monotonic() < deadline:  # exits, not reaped yet
+            time.sleep(0.01)
+        assert watch.gone(child.pid) is True
+        assert watch._fds == {}
+    finally:
+        child.wait(timeout=10)
+    assert watch.gone(child.pid) is True  # reaped: no such process
+    assert watch.gone(os.getpid()) is False
+    watch.close()
+    assert watch._fds == {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import select
 import shutil
 import socket
 import stat
@@ -103,6 +104,47 @@ def process_gone(pid: int) -> bool:
         return False
     state = raw[raw.rfind(b")") + 2 : raw.rfind(b")") + 3]
     return state in (b"Z", b"X")
+
+
+class ProcessWatch:
+    """``gone(pid)`` answers what process_gone does, for pids asked about again and again
+    (the owners of the leased tensors in each message): a pidfd per pid, made on first
+    ask, becomes readable when the process exits (zombie or reaped), so each later ask is
+    one poll (~0.3 us here) instead of reading /proc (~8 us). At most ``max_pids`` are kept
+    open; ``close()`` lets every fd go. Where pidfds are missing (Linux before 5.3) it falls
+    back to process_gone."""
+
+    def __init__(self, max_pids: int = 256) -> None:
+        self.max_pids = max_pids
+        self._fds: dict[int, tuple[int, select.poll]] = {}
+        self._pidfd = hasattr(os, "pidfd_open")
+
+    def gone(self, pid: int) -> bool:
+        watch = self._fds.get(pid)
+        if watch is None:
+            if not self._pidfd:
+                return process_gone(pid)
+            if len(self._fds) >= self.max_pids:
+                self.close()
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                return True
+            except OSError:
+                return process_gone(pid)
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            watch = self._fds[pid] = (fd, poller)
+        if watch[1].poll(0):
+            del self._fds[pid]
+            os.close(watch[0])
+            return True
+        return False
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd, _poller in fds.values():
+            os.close(fd)
 
 
 def default_ipc_base() -> str:

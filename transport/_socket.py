@@ -228,10 +228,11 @@ class AsyncSocket:
 
     # -- sending -------------------------------------------------------------------------
 
-    def send(self, frames: list[Any]) -> asyncio.Future[None] | None:
+    def send(self, frames: list[Any], batchable: bool = True) -> asyncio.Future[None] | None:
         """Send without blocking. Returns None when the message was taken (by zmq, or into
         this tick's batch), or a future that resolves once zmq takes it (the socket is at its
-        high-water mark: await it, that is the backpressure)."""
+        high-water mark: await it, that is the backpressure). ``batchable=False``: this
+        message travels alone (in order with the rest)."""
         if self.closed:
             raise TransportClosed("send on a closed socket")
         if not self._batching:
@@ -239,7 +240,7 @@ class AsyncSocket:
         router = self._router
         # Only small messages are batched, and a batch stays under _BATCH_BYTES: a receiver
         # refuses a frame over its header cap as a whole, and every message in it with it.
-        single = len(frames) == (2 if router else 1) and len(frames[-1]) <= _BATCH_ITEM_BYTES
+        single = batchable and len(frames) == (2 if router else 1) and len(frames[-1]) <= _BATCH_ITEM_BYTES
         key = frames[0] if router else None
         batch = self._batches.get(key)
         if batch is not None:

@@ -227,6 +227,7 @@ class Codec:
         self._oob: list[Any] = []
         self._frames: Sequence[Any] = ()
         self._depth = 0
+        self.leased = False  # the last message encoded holds leased tensors: send it unbatched
         self.tensors: Any = None  # a TensorCodec, installed by install_tensors
         # Decoding a big header: container units left, and whether the hooks count them.
         self._left = 0
@@ -344,13 +345,13 @@ class Codec:
         finally:
             self._oob = []
         tensors = self.tensors
-        leased = False
+        leased = self.leased = False
         if tensors is not None and tensors._issued:
             if len(head) > self.limits.max_header_bytes:
                 tensors.abort()
             else:
                 tensors._issued.clear()
-                leased = True
+                leased = self.leased = True
         if len(head) > self.limits.max_header_bytes:
             raise SerializationError(
                 f"message header is {len(head)} bytes, over the {self.limits.max_header_bytes} "
@@ -358,10 +359,10 @@ class Codec:
             )
         if oob:
             return [head, *oob]
-        if leased:
-            # Never batched: if its tensors are lost on the way, the receiver can answer
-            # exactly this message (a batch is decoded as one unit).
-            return [head, b""]
+        # A message with leased tensors (``self.leased``) must never be batched: if its
+        # tensors are lost on the way, the receiver can answer exactly this message (a batch
+        # is decoded as one unit). Its sender passes ``batchable=False`` to the socket. (Senders
+        # before this added an empty frame instead; receivers still accept one.)
         return [head]
 
     # -- decoding ------------------------------------------------------------------------
