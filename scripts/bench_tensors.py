@@ -39,7 +39,7 @@ The figures (sizes are binary: 1 MiB = 2**20 bytes; GB/s are 10**9 bytes per sec
 
 ``shm_delivery_gbps`` (1, 16, 256 MiB)
     A CPU float32 torch tensor sent to a process actor on the ``auto`` path, which at these
-    sizes (>= ``tensor_inline_max``, 256 KiB by default) is the shared-memory pool: the sender
+    sizes (>= ``tensor_inline_max``, 64 KiB by default) is the shared-memory pool: the sender
     copies into a pre-faulted, reused segment (with its copy threads from 4 MiB) and sends a
     descriptor. bytes / delivery, and
     the ratio to memcpy. Target (the issue): >= 0.8x memcpy at 16 MiB and 256 MiB. The log

@@ -432,7 +432,7 @@ def _zombie_or_gone(pid: int) -> bool:
 
 def test_process_watch_sees_an_exit_before_the_reap() -> None:
     """ProcessWatch (the per-message owner check) agrees with process_gone: alive, then gone
-    as soon as the process exits (a zombie counts), with its pidfd closed after."""
+    as soon as the process exits (a zombie counts), with its /proc file closed after."""
     from cascada.transport._endpoints import ProcessWatch, process_gone
 
     watch = ProcessWatch()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import select
 import shutil
 import socket
 import stat
@@ -108,42 +107,42 @@ def process_gone(pid: int) -> bool:
 
 class ProcessWatch:
     """``gone(pid)`` answers what process_gone does, for pids asked about again and again
-    (the owners of the leased tensors in each message): a pidfd per pid, made on first
-    ask, becomes readable when the process exits (zombie or reaped), so each later ask is
-    one poll (~0.3 us here) instead of reading /proc (~8 us). At most ``max_pids`` are kept
-    open; ``close()`` lets every fd go. Where pidfds are missing (Linux before 5.3) it falls
-    back to process_gone."""
+    (the owners of the leased tensors in each message): the /proc stat file of each pid is
+    opened once and re-read in place (one pread, ~2 us here, instead of open, read and close,
+    ~8 us). The open file stays bound to the process it was opened for, so a reused pid
+    cannot pass for it: once that process is reaped the read fails and it counts as gone.
+    At most ``max_pids`` files are kept open; ``close()`` lets every one go."""
 
     def __init__(self, max_pids: int = 256) -> None:
         self.max_pids = max_pids
-        self._fds: dict[int, tuple[int, select.poll]] = {}
-        self._pidfd = hasattr(os, "pidfd_open")
+        self._fds: dict[int, int] = {}
 
     def gone(self, pid: int) -> bool:
-        watch = self._fds.get(pid)
-        if watch is None:
-            if not self._pidfd:
-                return process_gone(pid)
+        fd = self._fds.get(pid)
+        if fd is None:
             if len(self._fds) >= self.max_pids:
                 self.close()
             try:
-                fd = os.pidfd_open(pid)
-            except ProcessLookupError:
+                fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
                 return True
             except OSError:
-                return process_gone(pid)
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            watch = self._fds[pid] = (fd, poller)
-        if watch[1].poll(0):
+                return False  # as process_gone: unreadable is not gone
+            self._fds[pid] = fd
+        try:
+            raw = os.pread(fd, 512, 0)
+        except OSError:
+            raw = b""
+        end = raw.rfind(b")")
+        if end < 0 or raw[end + 2 : end + 3] in (b"Z", b"X"):
             del self._fds[pid]
-            os.close(watch[0])
+            os.close(fd)
             return True
         return False
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}
-        for fd, _poller in fds.values():
+        for fd in fds.values():
             os.close(fd)
 
 

@@ -53,8 +53,10 @@ ITEMSIZE: dict[str, int] = {
 }
 MAX_DIMS = 32  # numpy's own limit is 64; nobody sends more than a handful
 MAX_TENSOR_BYTES = 1 << 46
-# Below this, a zmq frame beats the pool (measured by scripts/bench_tensors.py --crossover).
-DEFAULT_INLINE_MAX = 1 << 18
+# Below this, a zmq frame beats the pool (measured by scripts/bench_tensors.py --crossover:
+# the pool wins from 64 KiB in two runs of 2026-11-28, one of them from 32 KiB; 256 KiB
+# before the hand-off path got cheaper).
+DEFAULT_INLINE_MAX = 1 << 16
 # Copies into the pool from this size use several threads (see _memcpy): measured here, two
 # threads win from 4 MiB (1.1x; 1.6x at 16 MiB, 2x and more from 64 MiB) and lose below 2 MiB.
 DEFAULT_PARALLEL_COPY_MIN = 4 << 20
