@@ -588,21 +588,27 @@ def test_reader_cache_hit_costs_no_open_and_passes_release_args(pool: ShmPool, r
     seg.release()
 
 
+def _evicted_while_cached(pool: ShmPool, reader: ShmReader) -> tuple[str, int, Any, Any]:
+    """A 1 MiB segment the reader mapped (and let go of), then evicted by a segment of
+    another size class: (its name, its generation, its cached mapping, the new segment)."""
+    first = pool.allocate(MiB)
+    assert first is not None
+    name, gen = first.name, first.gen
+    buf = reader.open(name, gen, 0, 10, lambda: None)
+    del buf
+    gc.collect()
+    assert len(reader) == 1
+    mapped = reader._maps[name]
+    first.release()  # free, and still cached by the reader
+    second = pool.allocate(MiB + 256 * KiB)  # another size class: evicts (and unlinks) the first
+    assert second is not None and pool.stats.evicted == 1
+    return name, gen, mapped, second
+
+
 def test_reader_drops_cached_mapping_of_evicted_segment(shm_dir: str, reader: ShmReader) -> None:
-    # A 2 MiB pool: a second 1 MiB class segment evicts the first, free one.
-    pool = ShmPool(max_bytes=2 * MiB, directory=shm_dir)
+    pool = ShmPool(max_bytes=2 * MiB, directory=shm_dir)  # room for one segment of each class
     try:
-        first = pool.allocate(MiB)
-        assert first is not None
-        name, gen = first.name, first.gen
-        buf = reader.open(name, gen, 0, 10, lambda: None)
-        del buf
-        gc.collect()
-        assert len(reader) == 1
-        mapped = reader._maps[name]
-        first.release()  # free, and still cached by the reader
-        second = pool.allocate(MiB + 256 * KiB)  # another size class: evicts the first
-        assert second is not None and pool.stats.evicted == 1
+        name, gen, mapped, second = _evicted_while_cached(pool, reader)
         assert shm_files(shm_dir) == [second.name]
         # The dead mark: a hit on the evicted segment is TensorLost and drops the mapping.
         with pytest.raises(TensorLost, match="evicted"):
@@ -616,15 +622,7 @@ def test_reader_drops_cached_mapping_of_evicted_segment(shm_dir: str, reader: Sh
 def test_reader_new_mapping_unmaps_idle_dead_ones(shm_dir: str, reader: ShmReader) -> None:
     pool = ShmPool(max_bytes=2 * MiB, directory=shm_dir)
     try:
-        first = pool.allocate(MiB)
-        assert first is not None
-        del_me = reader.open(first.name, first.gen, 0, 10, lambda: None)
-        del del_me
-        gc.collect()
-        first.release()
-        second = pool.allocate(MiB + 256 * KiB)  # evicts (and unlinks) the first
-        assert second is not None
-        mapped = reader._maps[first.name]  # the reader has not looked yet
+        _name, _gen, mapped, second = _evicted_while_cached(pool, reader)  # the reader has not looked yet
         buf = reader.open(second.name, second.gen, 0, 10, lambda: None)
         # Making a new mapping looked at the idle ones: the dead segment's memory is let go.
         assert list(reader._maps) == [second.name] and mapped.mm.closed
