@@ -34,6 +34,17 @@ def test_copy_is_exact_at_every_split(threads: int, n: int) -> None:
         pc.close()
 
 
+def test_overlapping_ranges_copy_like_memmove() -> None:
+    pc = ParallelCopy(2, 0)
+    n = 1 << 16
+    buf = (ctypes.c_char * (n + 4096)).from_buffer_copy(os.urandom(n + 4096))
+    want = bytearray(buf.raw)
+    want[4096 : 4096 + n] = want[:n]  # memmove's result: as if through a temporary
+    pc.copy(ctypes.addressof(buf) + 4096, ctypes.addressof(buf), n)
+    assert buf.raw == bytes(want)
+    pc.close()
+
+
 def test_below_min_bytes_no_worker_starts() -> None:
     pc = ParallelCopy(2, 1 << 20)
     before = {t.ident for t in threading.enumerate() if t.name == "cascada-memcpy"}

@@ -45,7 +45,8 @@ class ParallelCopy:
         self._lock = threading.Lock()
 
     def copy(self, dst: int, src: int, n: int) -> None:
-        if self.threads <= 1 or n < self.min_bytes or n <= _ALIGN:
+        if self.threads <= 1 or n < self.min_bytes or n <= _ALIGN or (dst < src + n and src < dst + n):
+            # (Overlapping ranges, never met on the pool path, keep memmove's single pass.)
             ctypes.memmove(dst, src, n)
             return
         self._ensure_workers()
