@@ -426,6 +426,7 @@ async def r12_peer_vanishes(how: str, transport: str = "ipc", *, timeout: float 
     out.expect(not untyped, f"untyped errors: {untyped}")
     died_at = res["first_error"].get("ActorDied")
     detect = None if died_at is None else died_at - t_kill_wall
+    out.expect(detect is None or detect >= 0.0, f"ActorDied came {-(detect or 0):.3f}s before the kill: a false death")
     out.expect(detect is not None and detect <= DEATH_DETECT_S,
                f"no ActorDied within {DEATH_DETECT_S}s of the kill (first after {detect})")
     out.expect(res["after_died_max_s"] <= 0.1 + SEND_SLACK_S,
@@ -433,9 +434,14 @@ async def r12_peer_vanishes(how: str, transport: str = "ipc", *, timeout: float 
     if how == "sigstop":
         timeouts = res["errors"].get("DeadlineExceeded", 0)
         out.expect(timeouts >= 1, "no send ended with DeadlineExceeded while the peer was stopped")
-        stopped_ops = [s for s in res["slow"] if t_stop_wall is not None and s[0] >= t_stop_wall and s[0] < t_kill_wall]
-        out.expect(all(s[3] in ("ok", "DeadlineExceeded") for s in stopped_ops),
-                   f"sends to the stopped peer ended {sorted({s[3] for s in stopped_ops})}")
+        # Only sends that ended before the kill: one still waiting for its deadline when the
+        # SIGKILL lands ends with ActorDied, and rightly so.
+        stopped_ops = [s for s in res["slow"]
+                       if t_stop_wall is not None and s[0] >= t_stop_wall and s[0] + s[1] < t_kill_wall]
+        wrong = [s for s in stopped_ops if s[3] not in ("ok", "DeadlineExceeded")]
+        out.expect(not wrong, "sends to the stopped peer, ended before the kill, ended "
+                   + ", ".join(f"{s[3]} (started {s[0] - t_stop_wall:.3f}s after the stop, took {s[1]:.3f}s, "
+                               f"kill at {t_kill_wall - t_stop_wall:.3f}s)" for s in wrong[:3] if t_stop_wall))
     out.expect(alive_after, "the sender did not survive its peer's death")
     # Memory while the peer is gone: from shortly after the fault to the end of the flood.
     fault_mono = t_stop if t_stop is not None else t_kill
