@@ -89,6 +89,58 @@ def _cpu_pair() -> list[int]:
     return sorted(os.sched_getaffinity(0))[:2]
 
 
+# -- pinning whole processes (every thread: the event loop, zmq's I/O thread, the rest) --
+
+
+def tids(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
+
+
+def set_all_threads(pid: int, cpus: set[int]) -> int:
+    """sched_setaffinity on every thread of pid; repeat until no new thread shows up.
+
+    Returns how many threads are now on ``cpus``."""
+    done: set[int] = set()
+    for _ in range(5):
+        new = [t for t in tids(pid) if t not in done]
+        if not new:
+            break
+        for tid in new:
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except (ProcessLookupError, FileNotFoundError):
+                pass  # the thread ended meanwhile
+            done.add(tid)
+    pinned = 0
+    for tid in tids(pid):
+        try:
+            if os.sched_getaffinity(tid) == cpus:
+                pinned += 1
+        except (ProcessLookupError, FileNotFoundError):
+            pass
+    return pinned
+
+
+ALL_CPUS: set[int] = os.sched_getaffinity(0)
+
+
+def unpin_driver() -> None:
+    set_all_threads(os.getpid(), ALL_CPUS)
+
+
+def placement_cpus(placement: str) -> tuple[set[int], set[int]] | None:
+    """(driver cpus, actor cpus) for a pinned placement, None for unpinned."""
+    cpus = _cpu_pair()
+    if placement == "same-core":
+        return {cpus[0]}, {cpus[0]}
+    if placement == "cross-core":
+        return {cpus[0]}, {cpus[1]}
+    return None
+
+
 def resolve_placement(placement: str) -> tuple[str, str | None]:
     """Validate ``placement``; return (effective placement, note or None).
 

@@ -148,62 +148,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def tids(pid: int) -> list[int]:
-    try:
-        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
-    except FileNotFoundError:
-        return []
-
-
-def set_all_threads(pid: int, cpus: set[int]) -> int:
-    """sched_setaffinity on every thread of pid; repeat until no new thread shows up.
-
-    Returns how many threads are now on ``cpus``."""
-    done: set[int] = set()
-    for _ in range(5):
-        new = [t for t in tids(pid) if t not in done]
-        if not new:
-            break
-        for tid in new:
-            try:
-                os.sched_setaffinity(tid, cpus)
-            except (ProcessLookupError, FileNotFoundError):
-                pass  # the thread ended meanwhile
-            done.add(tid)
-    pinned = 0
-    for tid in tids(pid):
-        try:
-            if os.sched_getaffinity(tid) == cpus:
-                pinned += 1
-        except (ProcessLookupError, FileNotFoundError):
-            pass
-    return pinned
-
-
-ALL_CPUS: set[int] = os.sched_getaffinity(0)
-
-
-def unpin_driver() -> None:
-    set_all_threads(os.getpid(), ALL_CPUS)
-
-
-def placement_cpus(placement: str) -> tuple[set[int], set[int]] | None:
-    """(driver cpus, actor cpus) for a pinned placement, None for unpinned."""
-    cpus = _floors._cpu_pair()
-    if placement == "same-core":
-        return {cpus[0]}, {cpus[0]}
-    if placement == "cross-core":
-        return {cpus[0]}, {cpus[1]}
-    return None
-
-
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
     """Run a blocking floor in a fresh thread, from an unpinned driver.
 
     The thread is made after the driver's threads are put back on every CPU, so it (and
     any child a floor spawns from it) starts unpinned; the floor pins what it needs itself.
     The event loop stays responsive meanwhile."""
-    unpin_driver()
+    _floors.unpin_driver()
     loop = asyncio.get_running_loop()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="floor") as pool:
         return await loop.run_in_executor(pool, fn, *args)
@@ -283,10 +234,10 @@ async def bench_rtt(system: cascada.ActorSystem, sz: Sizes) -> dict[str, dict[st
             log(f"{placement}: {note}")
         ref = await system.spawn(Echo, name=f"echo-{placement}", placement="process")
         assert await ref.ask("add", 2) == 3
-        cpus = placement_cpus(effective)
+        cpus = _floors.placement_cpus(effective)
         if cpus is not None:
-            d = set_all_threads(os.getpid(), cpus[0])
-            a = set_all_threads(ref.pid, cpus[1])
+            d = _floors.set_all_threads(os.getpid(), cpus[0])
+            a = _floors.set_all_threads(ref.pid, cpus[1])
             log(f"{placement}: pinned {d} driver threads to {sorted(cpus[0])}, "
                 f"{a} actor threads (pid {ref.pid}) to {sorted(cpus[1])}")
         samples: dict[str, list[float]] = {"cascada": [], "lean": [], "reqrep": []}
@@ -294,11 +245,11 @@ async def bench_rtt(system: cascada.ActorSystem, sz: Sizes) -> dict[str, dict[st
 
         async def run_cascada() -> list[float]:
             if cpus is not None:
-                set_all_threads(os.getpid(), cpus[0])  # back on its CPU after a floor
+                _floors.set_all_threads(os.getpid(), cpus[0])  # back on its CPU after a floor
             try:
                 return await cascada_rtt(ref, sz.rtt_n)
             finally:
-                unpin_driver()
+                _floors.unpin_driver()
 
         async def run_lean() -> list[float]:
             res = await in_thread(_floors.lean_echo_rtt, sz.rtt_n, effective)
@@ -317,7 +268,7 @@ async def bench_rtt(system: cascada.ActorSystem, sz: Sizes) -> dict[str, dict[st
                 per_round[key].append(statistics.median(got))
             log(f"{placement} round {rnd + 1}/{sz.rtt_rounds}: " + ", ".join(
                 f"{k} {per_round[k][-1]:.1f} us" for k in samples))
-        unpin_driver()
+        _floors.unpin_driver()
         await system.stop(ref)
 
         med = {k: statistics.median(v) for k, v in samples.items()}
@@ -515,7 +466,7 @@ def bench_ray(sz: Sizes, floors: dict[str, Any]) -> None:
         print("ray: not installed, skipped", flush=True)
         return
     log("ray: measuring a Ray actor (sync calls and 1000 in flight)")
-    ray.init(num_cpus=max(2, len(ALL_CPUS)), include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=max(2, len(_floors.ALL_CPUS)), include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     try:
         class RayEcho:
@@ -623,7 +574,7 @@ async def run_all(sz: Sizes, actor_pids: list[int], only: frozenset[str] = froze
         if "tell" in only:
             log("tell throughput (unpinned only)")
             await bench_tell(system, sz)
-    unpin_driver()
+    _floors.unpin_driver()
     if "spawn" in only:
         import importlib.util
 
@@ -656,7 +607,7 @@ def main() -> int:
 
     print(f"cascada {cascada.__version__}  python {sys.version.split()[0]}  pyzmq {zmq.__version__}  "
           f"libzmq {zmq.zmq_version()}  msgpack {msgpack.version}  uvloop {uvloop.__version__}")
-    print(f"cpus {sorted(ALL_CPUS)}  loadavg {open('/proc/loadavg').read().split()[:3]}  "
+    print(f"cpus {sorted(_floors.ALL_CPUS)}  loadavg {open('/proc/loadavg').read().split()[:3]}  "
           f"mode {'quick' if sz.quick else 'full'}", flush=True)
 
     # Every temp dir of this run (cascada's ipc dirs, the floors' dirs) goes in here, so
@@ -669,7 +620,7 @@ def main() -> int:
     try:
         floors = cascada.run(run_all(sz, actor_pids, only))
     finally:
-        unpin_driver()
+        _floors.unpin_driver()
         tempfile.tempdir = previous_tempdir
         leftovers = os.listdir(base)
         shutil.rmtree(base, ignore_errors=True)
