@@ -141,6 +141,18 @@ def placement_cpus(placement: str) -> tuple[set[int], set[int]] | None:
     return None
 
 
+def pin_driver_and(pid: int, placement: str) -> tuple[tuple[set[int], set[int]] | None, str | None]:
+    """Pin every thread of this process and of ``pid`` for an effective ``placement``.
+    Returns (driver cpus, actor cpus) or None when unpinned, and a line saying what was done."""
+    cpus = placement_cpus(placement)
+    if cpus is None:
+        return None, None
+    d = set_all_threads(os.getpid(), cpus[0])
+    a = set_all_threads(pid, cpus[1])
+    return cpus, (f"pinned {d} driver threads to {sorted(cpus[0])}, "
+                  f"{a} threads of pid {pid} to {sorted(cpus[1])}")
+
+
 def resolve_placement(placement: str) -> tuple[str, str | None]:
     """Validate ``placement``; return (effective placement, note or None).
 

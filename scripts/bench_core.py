@@ -234,12 +234,9 @@ async def bench_rtt(system: cascada.ActorSystem, sz: Sizes) -> dict[str, dict[st
             log(f"{placement}: {note}")
         ref = await system.spawn(Echo, name=f"echo-{placement}", placement="process")
         assert await ref.ask("add", 2) == 3
-        cpus = _floors.placement_cpus(effective)
-        if cpus is not None:
-            d = _floors.set_all_threads(os.getpid(), cpus[0])
-            a = _floors.set_all_threads(ref.pid, cpus[1])
-            log(f"{placement}: pinned {d} driver threads to {sorted(cpus[0])}, "
-                f"{a} actor threads (pid {ref.pid}) to {sorted(cpus[1])}")
+        cpus, pinned = _floors.pin_driver_and(ref.pid, effective)
+        if pinned:
+            log(f"{placement}: {pinned} (the actor)")
         samples: dict[str, list[float]] = {"cascada": [], "lean": [], "reqrep": []}
         per_round: dict[str, list[float]] = {"cascada": [], "lean": [], "reqrep": []}
 

@@ -586,12 +586,9 @@ async def bench_handoff(system: cascada.ActorSystem, ref: cascada.ActorRef, sz: 
             effective, note = _floors.resolve_placement(placement)
             if note:
                 log(f"hand-off {placement}: {note}")
-            cpus = _floors.placement_cpus(effective)
-            if cpus is not None:
-                d = _floors.set_all_threads(os.getpid(), cpus[0])
-                a = _floors.set_all_threads(ref.pid, cpus[1])
-                log(f"hand-off {placement}: pinned {d} driver threads to {sorted(cpus[0])}, "
-                    f"{a} receiver threads (pid {ref.pid}) to {sorted(cpus[1])}")
+            _, pinned = _floors.pin_driver_and(ref.pid, effective)
+            if pinned:
+                log(f"hand-off {placement}: {pinned} (the receiver)")
             try:
                 for nbytes, t in tensors.items():
                     await handoff_at(system, ref, t, nbytes, placement, sz)
