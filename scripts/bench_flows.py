@@ -30,6 +30,13 @@ The figures:
     The same three nested flows, but placed in the driver's process: a level adds no hop,
     only the flow machinery and a local hand-off. Information only.
 
+``cpu`` (after the rounds; information only)
+    CPU time per call of every process a call goes through (user + system, all threads,
+    from /proc/<pid>/stat), for one hop, a depth-1 flow and a depth-1 relay, with the
+    context switches per call. It shows where a level's cost goes: the process in the
+    middle does the work of both ends of a hop, and on a machine with fewer idle cores than
+    busy processes every process gets slower when a third one joins.
+
 Method: every target is measured in every round, in an order that rotates each round (so a
 noisy machine moves all of them together); each round makes ``n`` sequential calls per
 target after a warm-up; the figure is the median over all calls of all rounds. Output: a
@@ -58,7 +65,7 @@ import _report  # noqa: E402
 import cascada  # noqa: E402
 from cascada.actors._flow import Sequential, Step  # noqa: E402
 
-FIGURES = ("nested", "relay", "inline")
+FIGURES = ("nested", "relay", "inline", "cpu")
 RECORDS: list[dict[str, Any]] = []
 ROWS: list[list[str]] = []
 
@@ -118,6 +125,50 @@ async def measure(targets: dict[str, tuple[cascada.ActorRef, str]], sz: Sizes) -
     return samples
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_and_switches(pid: int) -> tuple[float, int]:
+    """(CPU seconds, context switches) of every thread of ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    switches = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                switches += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+        except FileNotFoundError:
+            pass  # the thread ended meanwhile
+    return (int(fields[11]) + int(fields[12])) / _TICK, switches
+
+
+async def cpu_split(targets: dict[str, tuple[cascada.ActorRef, str]], echo: cascada.ActorRef, n: int) -> None:
+    """CPU and switches per call of each process on the path, for a hop and one level."""
+    for name in ("hop", "nested1", "relay1"):
+        if name not in targets:
+            continue
+        ref, method = targets[name]
+        pids = {"driver": os.getpid(), "echo": echo.pid}
+        if name != "hop":
+            pids["middle"] = ref.pid
+        for _ in range(100):
+            await ref.ask(method, 1)
+        before = {k: cpu_and_switches(p) for k, p in pids.items()}
+        t0 = time.perf_counter()
+        for _ in range(n):
+            await ref.ask(method, 1)
+        rtt = (time.perf_counter() - t0) / n * 1e6
+        after = {k: cpu_and_switches(p) for k, p in pids.items()}
+        cpu = {k: (after[k][0] - before[k][0]) / n * 1e6 for k in pids}
+        switches = {k: (after[k][1] - before[k][1]) / n for k in pids}
+        total = sum(cpu.values())
+        log(f"cpu {name}: mean round trip {rtt:.0f} us; CPU per call " + ", ".join(
+            f"{k} {v:.0f} us ({switches[k]:.1f} switches)" for k, v in cpu.items()) + f"; all {total:.0f} us")
+        RECORDS.append({"figure": "cpu_per_call", "target_name": name, "value": total, "unit": "us",
+                        "mean_rtt_us": rtt, "cpu_us": cpu, "switches": switches, "n": n, "target": "info",
+                        "pass": None, "floor_name": None, "floor_value": None, "ratio": None})
+
+
 def record(figure: str, depth: int, rtt: float, hop: float, *, placement: str, relay: float | None) -> None:
     added = rtt - hop
     per_level = added / depth
@@ -139,7 +190,7 @@ async def run_all(sz: Sizes, only: frozenset[str]) -> None:
         echo = await system.spawn(Echo, name="echo", placement="process")
         targets: dict[str, tuple[cascada.ActorRef, str]] = {"hop": (echo, "echo")}
         for figure in FIGURES:
-            if figure not in only:
+            if figure not in only or figure == "cpu":
                 continue
             placement: cascada.Placement = "local" if figure == "inline" else "process"
             inner: Any = Step(echo, "echo")
@@ -157,11 +208,15 @@ async def run_all(sz: Sizes, only: frozenset[str]) -> None:
         hop = statistics.median(samples["hop"])
         for figure in FIGURES:
             if figure in only:
+                if figure == "cpu":
+                    continue
                 for depth in (1, 2, 3):
                     relay = samples.get(f"relay{depth}") if figure == "nested" else None
                     record(figure, depth, statistics.median(samples[f"{figure}{depth}"]), hop,
                            placement="local" if figure == "inline" else "process",
                            relay=statistics.median(relay) if relay else None)
+        if "cpu" in only:
+            await cpu_split(targets, echo, max(sz.n, 2000))
         for name, (ref, _) in targets.items():
             if name != "hop" and not name.startswith("relay"):
                 m = await ref.ask("metrics")
