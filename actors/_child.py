@@ -8,7 +8,7 @@ import pickle
 import resource
 import signal
 import traceback
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..transport._endpoints import host_id
@@ -56,6 +56,24 @@ def normalize_rlimits(rlimits: Mapping[str, int | tuple[int, int]] | None) -> di
     return out
 
 
+def normalize_cpus(cpus: Iterable[int] | None) -> list[int] | None:
+    """Check ``spawn(..., cpus=...)``: CPU numbers this process may run on (all of them are
+    allowed to the spawning process too). Returns them sorted, or None for no pinning."""
+    if cpus is None:
+        return None
+    if isinstance(cpus, (str, bytes, int)) or not isinstance(cpus, Iterable):
+        raise ConfigurationError(f"cpus must be a set of CPU numbers such as {{0}} or [0, 1], got {cpus!r}")
+    chosen = list(cpus)
+    if not chosen or not all(type(c) is int and c >= 0 for c in chosen):
+        raise ConfigurationError(f"cpus must be a non-empty set of non-negative ints, got {cpus!r}")
+    allowed = os.sched_getaffinity(0)
+    outside = sorted(set(chosen) - allowed)
+    if outside:
+        raise ConfigurationError(f"cpus {outside} are not among the CPUs this process may use "
+                                 f"({sorted(allowed)}): pick from those")
+    return sorted(set(chosen))
+
+
 def _apply_rlimits(limits: dict[str, list[int]]) -> None:
     for name, (soft, hard) in limits.items():
         resource.setrlimit(getattr(resource, "RLIMIT_" + name), (soft, hard))
@@ -82,6 +100,11 @@ def run_child(header: dict[str, Any], blob: bytes) -> int:
 
 
 async def _serve(header: dict[str, Any], blob: bytes) -> int:
+    cpus = header.get("cpus")
+    if cpus:
+        # Before the node starts: the threads made after this (zmq's I/O thread among them)
+        # inherit the mask, so the whole process runs on these CPUs.
+        os.sched_setaffinity(0, cpus)
     name: str = header["name"]
     incarnation: str = header["incarnation"]
     node = Node(header["node_id"], header["endpoint"], NodeConfig.from_dict(header["config"]))

@@ -10,7 +10,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from ..transport._endpoints import IpcDirectory, check_ipc_base, ipc_path
@@ -21,7 +21,7 @@ from ..transport._tensors import DEFAULT_INLINE_MAX, TensorOptions
 from ..transport._wire import Kind
 from ._actor import Actor
 from ._cell import ActorCell
-from ._child import EXIT_MEMORY_ERROR, normalize_rlimits
+from ._child import EXIT_MEMORY_ERROR, normalize_cpus, normalize_rlimits
 from ._errors import ActorDied, ActorInitFailed, ActorNotFound, CascadaError, RestartIntensityExceeded, SystemClosed
 from ._heartbeat import HeartbeatMonitor
 from ._node import Node, NodeConfig, wait_until
@@ -52,10 +52,11 @@ class _Child:
 class _Spec:
     """How to start an actor again: what the supervisor needs to restart it."""
 
-    __slots__ = ("cls", "args", "kwargs", "placement", "restart", "supervisor", "blob", "endpoint", "rlimits")
+    __slots__ = ("cls", "args", "kwargs", "placement", "restart", "supervisor", "blob", "endpoint", "rlimits", "cpus")
 
     def __init__(self, cls: type[Actor], args: tuple[Any, ...], kwargs: dict[str, Any], placement: Placement,
-                 restart: RestartType, supervisor: str, rlimits: dict[str, list[int]] | None = None) -> None:
+                 restart: RestartType, supervisor: str, rlimits: dict[str, list[int]] | None = None,
+                 cpus: list[int] | None = None) -> None:
         self.cls = cls
         self.args = args
         self.kwargs = kwargs
@@ -65,6 +66,7 @@ class _Spec:
         self.blob: bytes | None = None  # the pickled class and arguments, for a process actor
         self.endpoint: str | None = None  # where it listens: a restart binds the same one
         self.rlimits = rlimits or {}  # resource limits of its process, set again on every restart
+        self.cpus = cpus  # the CPUs its process may run on (None: any), again on every restart
 
 
 def describe_exit(code: int) -> str:
@@ -330,7 +332,8 @@ class ActorSystem:
     async def spawn(self, cls: type[Actor], /, *args: Any, name: str | None = None,
                     placement: Placement = "process", supervisor: ActorRef | None = None,
                     restart: RestartType = "temporary",
-                    rlimits: Mapping[str, int | tuple[int, int]] | None = None, **kwargs: Any) -> ActorRef:
+                    rlimits: Mapping[str, int | tuple[int, int]] | None = None,
+                    cpus: Iterable[int] | None = None, **kwargs: Any) -> ActorRef:
         """Start an actor and return its ref once it is ready (``on_start`` has run).
 
         ``placement="process"`` runs it in its own OS process; ``"local"`` in this process
@@ -348,10 +351,19 @@ class ActorSystem:
         ``{"AS": 2 << 30}`` (names of ``resource.RLIMIT_*``; an int for soft and hard alike,
         or a ``(soft, hard)`` pair). Under a memory limit (``AS`` or ``DATA``) a handler that
         raises MemoryError ends its process (its calls in flight fail with ActorDied) and the
-        supervisor sees an abnormal exit whose reason names the MemoryError."""
+        supervisor sees an abnormal exit whose reason names the MemoryError.
+
+        ``cpus`` (process actors only) pins every thread of the actor's process (its event
+        loop, zmq's I/O thread, torch's threads) to these CPUs, as ``os.sched_setaffinity``
+        does, from before it starts and again on every restart: ``{0}``, ``[2, 3]``. Each
+        must be one this process may use. Two processes that talk a lot answer each other
+        faster on one core than across cores on a machine where a cross-core wake-up is dear
+        (see README, Performance); pin the driver too with ``os.sched_setaffinity(0, ...)``
+        before the system starts."""
         node = self.node
         restart = check_restart(restart)
         limits = normalize_rlimits(rlimits)
+        pinned = normalize_cpus(cpus)
         sup = self._sup_for(supervisor)
         if self._closing:
             raise SystemClosed("the ActorSystem is shutting down; no more actors can be spawned")
@@ -361,6 +373,9 @@ class ActorSystem:
             raise ConfigurationError(f"placement must be one of {_PLACEMENTS}, got {placement!r}")
         if limits and placement != "process":
             raise ConfigurationError("rlimits are limits of an actor's own process: spawn it with placement='process'")
+        if pinned and placement != "process":
+            raise ConfigurationError("cpus pins an actor's own process: spawn it with placement='process' "
+                                     "(a local actor runs on this process's CPUs)")
         if name is None:
             self._count += 1
             name = f"{cls.__name__.lower()}-{self._count}"
@@ -371,7 +386,7 @@ class ActorSystem:
             raise ConfigurationError(f"actor name {name!r} must be 1-128 characters of letters, digits, _ . : -")
         if name in self._refs or name in self._starting:
             raise ConfigurationError(f"an actor named {name!r} already exists in this system")
-        spec = _Spec(cls, args, kwargs, placement, restart, sup.name, limits)
+        spec = _Spec(cls, args, kwargs, placement, restart, sup.name, limits, pinned)
         self._starting.add(name)
         try:
             ref = await self._start(node, name, spec)
@@ -473,6 +488,7 @@ class ActorSystem:
             "token": token, "config": self.config.to_dict(),
             "heartbeat": None if self._hb is None else [self._hb.path, self._hb.interval],
             "rlimits": spec.rlimits or None,
+            "cpus": spec.cpus,
             # Actors restarted so far: a ref made before a restart reaches the incarnation now there.
             "moved": [[ep, pid_, inc] for ep, (pid_, inc) in node.endpoint_pids.items()],
         }

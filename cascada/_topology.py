@@ -18,6 +18,7 @@ The format (TOML shown; a dict has the same shape)::
     args = [0.5]                         # optional: constructor arguments
     kwargs = { size = 64 }               # optional: keyword arguments
     placement = "process"                # optional: "process" (default) or "local"
+    cpus = [0]                           # optional, process only: the CPUs its process runs on
 
     [actors.check]
     class = "cascada.stages:Verifier"
@@ -40,7 +41,7 @@ The format (TOML shown; a dict has the same shape)::
   function run inside the flow's process.
 - a list of steps (inside a step position, e.g. a route edge): those steps one after the other.
 
-**Flow keys**, by kind (besides ``kind``, ``placement``, ``max_depth``, ``max_in_flight``):
+**Flow keys**, by kind (besides ``kind``, ``placement``, ``cpus``, ``max_depth``, ``max_in_flight``):
 
 - ``sequence``: ``steps = [step, ...]``.
 - ``route``: ``router = step``, ``edges = { edge = step, ... }``, ``combine`` (``"weighted_sum"``,
@@ -89,8 +90,8 @@ __all__ = ["Topology", "TopologyPlan", "build_topology", "load_topology"]
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 _IMPORT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 _TOP_KEYS = frozenset(("top", "actors", "flows"))
-_ACTOR_KEYS = frozenset(("class", "args", "kwargs", "placement"))
-_COMMON_FLOW_KEYS = frozenset(("kind", "placement", "max_depth", "max_in_flight"))
+_ACTOR_KEYS = frozenset(("class", "args", "kwargs", "placement", "cpus"))
+_COMMON_FLOW_KEYS = frozenset(("kind", "placement", "cpus", "max_depth", "max_in_flight"))
 _STEP_OPTS = frozenset(("timeout", "take", "stream", "name", "args", "kwargs"))
 _KINDS: dict[str, type[Flow]] = {"sequence": Sequential, "route": Route, "fanout": FanOut, "loop": LoopUntil,
                                  "cascade": Cascade}
@@ -121,6 +122,7 @@ class _Node:
     key: str  # "actors.x" or "flows.x"
     cls: type[Actor]
     placement: str
+    cpus: list[int] | None = None
     deps: set[str] = field(default_factory=set)
     args: list[Resolver] = field(default_factory=list)
     kwargs: dict[str, Resolver] = field(default_factory=dict)
@@ -228,6 +230,16 @@ class _Reader:
             raise _err(f"{key}.placement", f"must be 'process' or 'local', got {placement!r}")
         return str(placement)
 
+    def _cpus(self, table: Mapping[str, Any], key: str, placement: str) -> list[int] | None:
+        cpus = table.get("cpus")
+        if cpus is None:
+            return None
+        if not (isinstance(cpus, list) and cpus and all(type(c) is int and c >= 0 for c in cpus)):
+            raise _err(f"{key}.cpus", f"must be a non-empty list of CPU numbers such as [0], got {cpus!r}")
+        if placement != "process":
+            raise _err(f"{key}.cpus", "pins the actor's own process: it needs placement = 'process'")
+        return list(cpus)
+
     def _actor(self, name: str, table: Any) -> _Node:
         key = f"actors.{name}"
         if not isinstance(table, Mapping):
@@ -241,7 +253,8 @@ class _Reader:
         if not (isinstance(cls, type) and issubclass(cls, Actor)):
             raise _err(f"{key}.class", f"{table['class']!r} is not a subclass of cascada.Actor")
         self.classes[name] = cls
-        node = _Node(name, key, cls, self._placement(table, key))
+        placement = self._placement(table, key)
+        node = _Node(name, key, cls, placement, self._cpus(table, key, placement))
         args = table.get("args", [])
         kwargs = table.get("kwargs", {})
         if not isinstance(args, list):
@@ -312,7 +325,8 @@ class _Reader:
         unknown = sorted(set(table) - allowed)
         if unknown:
             raise _err(f"{key}.{unknown[0]}", f"unknown key for a {kind} flow (it takes {', '.join(sorted(allowed))})")
-        node = _Node(name, key, _KINDS[kind], self._placement(table, key))
+        placement = self._placement(table, key)
+        node = _Node(name, key, _KINDS[kind], placement, self._cpus(table, key, placement))
         for opt in ("max_depth", "max_in_flight"):
             if opt in table:
                 node.kwargs[opt] = self._value(table[opt], f"{key}.{opt}", node)
@@ -590,4 +604,5 @@ async def _spawn(system: ActorSystem, node: _Node, refs: Mapping[str, ActorRef],
     kwargs = {k: r(refs) for k, r in node.kwargs.items()}
     if node.placement == "local":
         return await system.spawn(node.cls, *args, name=f"{prefix}{node.name}", placement="local", **kwargs)
-    return await system.spawn(node.cls, *args, name=f"{prefix}{node.name}", placement="process", **kwargs)
+    return await system.spawn(node.cls, *args, name=f"{prefix}{node.name}", placement="process", cpus=node.cpus,
+                              **kwargs)
