@@ -142,11 +142,15 @@ def cpu_and_switches(pid: int) -> tuple[float, int]:
     return (int(fields[11]) + int(fields[12])) / _TICK, switches
 
 
-async def cpu_split(targets: dict[str, tuple[cascada.ActorRef, str]], echo: cascada.ActorRef, n: int) -> None:
+async def cpu_split(system: cascada.ActorSystem, targets: dict[str, tuple[cascada.ActorRef, str]],
+                    echo: cascada.ActorRef, n: int) -> None:
     """CPU and switches per call of each process on the path, for a hop and one level."""
+    if "nested1" not in targets:  # --only cpu: the depth-1 level of each kind, made here
+        targets = {**targets, "nested1": (await system.spawn(Sequential, Step(echo, "echo"), name="cpu-flow"), "run"),
+                   "relay1": (await system.spawn(Relay, echo, "echo", name="cpu-relay"), "run")}
+    elif "relay1" not in targets:
+        targets = {**targets, "relay1": (await system.spawn(Relay, echo, "echo", name="cpu-relay"), "run")}
     for name in ("hop", "nested1", "relay1"):
-        if name not in targets:
-            continue
         ref, method = targets[name]
         pids = {"driver": os.getpid(), "echo": echo.pid}
         if name != "hop":
@@ -216,7 +220,7 @@ async def run_all(sz: Sizes, only: frozenset[str]) -> None:
                            placement="local" if figure == "inline" else "process",
                            relay=statistics.median(relay) if relay else None)
         if "cpu" in only:
-            await cpu_split(targets, echo, max(sz.n, 2000))
+            await cpu_split(system, targets, echo, max(sz.n, 2000))
         for name, (ref, _) in targets.items():
             if name != "hop" and not name.startswith("relay"):
                 m = await ref.ask("metrics")
@@ -242,8 +246,9 @@ def main() -> int:
         tempfile.tempdir = previous_tempdir
         leftovers = os.listdir(base)
         shutil.rmtree(base, ignore_errors=True)
-    _report.print_table(["figure", "depth", "round trip", "added", "added/level", "one hop", "ratio",
-                         "vs relay", "target", "result"], ROWS)
+    if ROWS:
+        _report.print_table(["figure", "depth", "round trip", "added", "added/level", "one hop", "ratio",
+                             "vs relay", "target", "result"], ROWS)
     for rec in RECORDS:
         print("JSON " + json.dumps(rec, separators=(",", ":")))
     if args.json:
