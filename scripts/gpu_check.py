@@ -630,40 +630,13 @@ def phase_consumer_death(ctx: Any, report: dict[str, Any], failures: list[str]) 
         pair.close()
 
 
-def import_cascada_from_source() -> Any:
-    """``import cascada``; where it is not installed (a bare GPU machine with only the
-    working tree and pyzmq, msgpack and uvloop on PYTHONPATH), from this checkout, through a
-    temporary folder whose ``cascada/`` links to ``cascada/*`` and to the top-level
-    actors/, transport/, stages/ and cudakernels/ as the installed package lays them out.
-    PYTHONPATH carries it to the forkserver and the actors."""
-    try:
-        import cascada
-
-        return cascada
-    except ImportError:
-        pass
-    shadow = tempfile.mkdtemp(prefix="cascada-source-")
-    import atexit
-    import shutil
-
-    atexit.register(shutil.rmtree, shadow, True)  # links only: rmtree never follows them
-    pkg = os.path.join(shadow, "cascada")
-    os.mkdir(pkg)
-    for entry in (REPO / "cascada").iterdir():
-        os.symlink(entry, os.path.join(pkg, entry.name))
-    for sub in ("actors", "transport", "stages", "cudakernels"):
-        os.symlink(REPO / sub, os.path.join(pkg, sub))
-    sys.path.insert(0, shadow)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (shadow, os.environ.get("PYTHONPATH")) if p)
-    import cascada
-
-    return cascada
-
-
 def actor_main(conn: Connection) -> None:
     """One ask between two cascada process actors, carrying a CUDA tensor. Runs in its own
     spawned process: the actor system forks its actors, which must find CUDA untouched."""
     try:
+        sys.path.insert(0, str(REPO / "scripts"))
+        from from_source import import_cascada_from_source
+
         cascada = import_cascada_from_source()
     except ImportError as exc:
         conn.send(f"skipped: cascada not importable ({exc})")
