@@ -56,9 +56,32 @@ def normalize_rlimits(rlimits: Mapping[str, int | tuple[int, int]] | None) -> di
     return out
 
 
+def _cpu_list(path: str) -> set[int] | None:
+    """A kernel CPU list file ("0-3,6") as a set; None where it cannot be read."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+        out: set[int] = set()
+        for part in filter(None, text.split(",")):
+            lo, _, hi = part.partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+        return out or None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus() -> set[int]:
+    """The CPUs an actor process may be pinned to: those online, within this cgroup's
+    cpuset where it has one. Not this thread's mask: a driver pinned to one CPU may still
+    place an actor on another."""
+    cpus = _cpu_list("/sys/devices/system/cpu/online") or set(range(os.cpu_count() or 1))
+    cpuset = _cpu_list("/sys/fs/cgroup/cpuset.cpus.effective")
+    return cpus & cpuset if cpuset else cpus
+
+
 def normalize_cpus(cpus: Iterable[int] | None) -> list[int] | None:
-    """Check ``spawn(..., cpus=...)``: CPU numbers this process may run on (all of them are
-    allowed to the spawning process too). Returns them sorted, or None for no pinning."""
+    """Check ``spawn(..., cpus=...)``: CPU numbers the actor's process may run on, each one
+    of ``usable_cpus()``. Returns them sorted, or None for no pinning."""
     if cpus is None:
         return None
     if isinstance(cpus, (str, bytes, int)) or not isinstance(cpus, Iterable):
@@ -66,12 +89,22 @@ def normalize_cpus(cpus: Iterable[int] | None) -> list[int] | None:
     chosen = list(cpus)
     if not chosen or not all(type(c) is int and c >= 0 for c in chosen):
         raise ConfigurationError(f"cpus must be a non-empty set of non-negative ints, got {cpus!r}")
-    allowed = os.sched_getaffinity(0)
-    outside = sorted(set(chosen) - allowed)
+    usable = usable_cpus()
+    outside = sorted(set(chosen) - usable)
     if outside:
-        raise ConfigurationError(f"cpus {outside} are not among the CPUs this process may use "
-                                 f"({sorted(allowed)}): pick from those")
+        raise ConfigurationError(f"cpus {outside} are not among this machine's usable CPUs "
+                                 f"({sorted(usable)}): pick from those")
     return sorted(set(chosen))
+
+
+def _pin_process(cpus: list[int]) -> None:
+    """Every thread of this process (zmq's among them) onto ``cpus``; threads made later
+    inherit the mask of the thread that makes them."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:
+            pass  # the thread ended meanwhile
 
 
 def _apply_rlimits(limits: dict[str, list[int]]) -> None:
@@ -100,11 +133,6 @@ def run_child(header: dict[str, Any], blob: bytes) -> int:
 
 
 async def _serve(header: dict[str, Any], blob: bytes) -> int:
-    cpus = header.get("cpus")
-    if cpus:
-        # Before the node starts: the threads made after this (zmq's I/O thread among them)
-        # inherit the mask, so the whole process runs on these CPUs.
-        os.sched_setaffinity(0, cpus)
     name: str = header["name"]
     incarnation: str = header["incarnation"]
     node = Node(header["node_id"], header["endpoint"], NodeConfig.from_dict(header["config"]))
@@ -145,6 +173,8 @@ async def _serve(header: dict[str, Any], blob: bytes) -> int:
         # forkserver's private socketpair, never from a socket anyone else can reach.
         limits: dict[str, list[int]] = header.get("rlimits") or {}
         _apply_rlimits(limits)  # the constructor, on_start and every handler run under them
+        if header.get("cpus"):
+            _pin_process(header["cpus"])  # before the constructor: its threads inherit the mask
         cls, args, kwargs = pickle.loads(blob)
         if not (isinstance(cls, type) and issubclass(cls, Actor)):
             raise TypeError(f"{cls!r} is not a subclass of cascada.Actor")

@@ -355,11 +355,11 @@ class ActorSystem:
 
         ``cpus`` (process actors only) pins every thread of the actor's process (its event
         loop, zmq's I/O thread, torch's threads) to these CPUs, as ``os.sched_setaffinity``
-        does, from before it starts and again on every restart: ``{0}``, ``[2, 3]``. Each
-        must be one this process may use. Two processes that talk a lot answer each other
-        faster on one core than across cores on a machine where a cross-core wake-up is dear
-        (see README, Performance); pin the driver too with ``os.sched_setaffinity(0, ...)``
-        before the system starts."""
+        does, from before its constructor and again on every restart: ``{0}``, ``[2, 3]``
+        (CPUs that are online and in this cgroup's cpuset). Without it an actor inherits the
+        driver's CPU mask as it was at the system's first process spawn. Two processes that talk a lot
+        answer each other faster on one core than across cores on a machine where a
+        cross-core wake-up is dear (see README, Performance)."""
         node = self.node
         restart = check_restart(restart)
         limits = normalize_rlimits(rlimits)

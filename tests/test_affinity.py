@@ -44,6 +44,22 @@ async def test_every_thread_of_the_process_runs_on_the_cpus_asked_for() -> None:
     assert os.sched_getaffinity(0) == set(ALLOWED)  # the driver is left as it was
 
 
+@pytest.mark.skipif(len(ALLOWED) < 2, reason="needs two CPUs")
+async def test_a_driver_pinned_to_one_cpu_places_actors_on_others() -> None:
+    """Actors inherit the driver's mask (through the forkserver, started at the first
+    process spawn); cpus= may move one outside it."""
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {ALLOWED[0]})
+    try:
+        async with cascada.ActorSystem(heartbeat_interval=None) as system:
+            elsewhere = await system.spawn(Where, name="elsewhere", cpus={ALLOWED[1]})
+            inherited = await system.spawn(Where, name="inherited")
+            assert all(cpus == [ALLOWED[1]] for cpus in (await elsewhere.ask("masks")).values())
+            assert all(cpus == [ALLOWED[0]] for cpus in (await inherited.ask("masks")).values())
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 async def test_a_restarted_process_is_pinned_again() -> None:
     one = ALLOWED[:1]
     async with cascada.ActorSystem(heartbeat_interval=None) as system:
@@ -68,7 +84,7 @@ async def test_a_restarted_process_is_pinned_again() -> None:
     ("0", "set of CPU numbers"),
     (0, "set of CPU numbers"),
     ([True], "non-negative ints"),
-    ([max(ALLOWED) + 1000], "not among the CPUs"),
+    ([max(ALLOWED) + 1000], "not among this machine's usable CPUs"),
 ])
 async def test_cpus_it_cannot_use_are_refused(bad: object, match: str) -> None:
     async with cascada.ActorSystem(heartbeat_interval=None) as system:
