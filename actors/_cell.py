@@ -61,7 +61,8 @@ class ActorCell:
         self._stopped: asyncio.Future[None] | None = None
         # Eager execution: while the loop is parked on an empty mailbox, a message is handled
         # straight from the reader callback, saving a loop iteration per message. A handler
-        # that suspends finishes in `_current`, and the actor is busy until it does.
+        # that suspends finishes in `_current`, and the actor is busy until it does; a
+        # concurrent one finishes in a side task, and the actor is free at once.
         self._parked = False
         self._current: asyncio.Task[None] | None = None
         # Handlers share one context, eager or not, as they would in the cell's one task.
@@ -318,15 +319,20 @@ class ActorCell:
         if msg.kind is Kind.STREAM or not _EAGER_CONTEXT or msg.key is not None:
             return False
         handler = self.handlers.get(msg.method)
-        if handler is None or handler.kind == "stream" or handler.concurrent:
+        if handler is None or handler.kind == "stream":
             return False
         if msg.deadline is not None and msg.deadline <= time.time():
             return False
-        # Busy while the handler runs: a message it causes (a tell to itself) must queue,
+        concurrent = handler.concurrent
+        # A concurrent handler gets a context of its own, as its task would; sequential ones
+        # share the cell's. Starting it here, not in a task the cell's loop makes on its next
+        # turn, saves two loop iterations and a task for a handler that never suspends.
+        ctx = self._ctx.copy() if concurrent else self._ctx
+        # Busy while the first step runs: a message it causes (a tell to itself) must queue,
         # not run nested inside it.
         self._parked = False
         try:
-            result = self._ctx.run(self._first_step, msg, handler)
+            result = ctx.run(self._first_step, msg, handler)
         except Exception as exc:
             self._fail(msg, exc, "remote")
             return True
@@ -335,11 +341,14 @@ class ActorCell:
             if w is not None and not w.done():
                 self._parked = True
         if type(result) is _Suspended:
-            self._parked = False
-            self._current = self.node.tasks.spawn(self._finish(msg, result), name=f"{self.name}.{msg.method}",
-                                                  context=self._ctx)
+            task = self.node.tasks.spawn(self._finish(msg, result), name=f"{self.name}.{msg.method}", context=ctx)
+            if concurrent:  # the actor takes its next message at once
+                self._side(task)
+            else:
+                self._parked = False
+                self._current = task
             # Killed before that task's first step: _finish never runs, so answer from here.
-            self._current.add_done_callback(functools.partial(self._killed_before_start, msg))
+            task.add_done_callback(functools.partial(self._killed_before_start, msg))
             return True
         self.stats.handled += 1
         if self.crashed is not None:
@@ -347,8 +356,12 @@ class ActorCell:
         elif msg.reply is not None:
             pending = msg.reply.ok(result)
             if pending is not None:
-                self._parked = False
-                self._current = self.node.tasks.spawn(_wait_sent(pending), name=f"{self.name} reply")
+                sent = self.node.tasks.spawn(_wait_sent(pending), name=f"{self.name} reply")
+                if concurrent:
+                    self._side(sent)
+                else:
+                    self._parked = False
+                    self._current = sent
         return True
 
     def _first_step(self, msg: Message, handler: Handler) -> Any:

@@ -4,6 +4,7 @@ to actor processes by value, as a user's __main__ or notebook classes do)."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import sys
 import time
@@ -117,6 +118,52 @@ class Gate(cascada.Actor):
     async def release(self) -> str:
         self.event.set()
         return "done"
+
+
+_TAG: contextvars.ContextVar[Any] = contextvars.ContextVar("cascada_test_tag")
+
+
+class Isolated(cascada.Actor):
+    """Concurrent handlers, which start eagerly on delivery: each keeps a context of its own,
+    can be cancelled at its first await, and fails in either step with a typed error."""
+
+    async def on_start(self) -> None:
+        self.cancelled = 0
+        self.started = 0
+
+    @cascada.concurrent
+    async def tagged(self, tag: Any, delay: float) -> list[Any]:
+        _TAG.set(tag)
+        self.started += 1
+        await asyncio.sleep(delay)
+        return [tag, _TAG.get(None)]
+
+    async def peek(self) -> Any:
+        return _TAG.get(None)
+
+    @cascada.concurrent
+    async def nap(self, delay: float) -> str:
+        self.started += 1
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return "slept"
+
+    @cascada.concurrent
+    async def fail_in(self, step: str) -> None:
+        if step == "first":
+            raise ValueError("failed before its first await")
+        await asyncio.sleep(0)
+        raise ValueError("failed after its first await")
+
+    @cascada.concurrent
+    async def at_once(self, x: Any) -> Any:
+        return x
+
+    async def counts(self) -> dict[str, int]:
+        return {"cancelled": self.cancelled, "started": self.started}
 
 
 class BadInit(cascada.Actor):

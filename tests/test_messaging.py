@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import pytest
-from actors_for_tests import Counter, Gate, Recorder
+from actors_for_tests import Counter, Gate, Isolated, Recorder
 
 import cascada
 
@@ -72,6 +72,39 @@ async def test_concurrent_handlers_overlap(spawn: Any) -> None:
     waiting = asyncio.ensure_future(ref.ask("wait", timeout=10))
     assert await ref.ask("release", timeout=10) == "done"
     assert await waiting == "released"
+
+
+async def test_concurrent_handlers_keep_their_own_context(spawn: Any) -> None:
+    ref = await spawn(Isolated)
+    # Interleaved: each handler sets the variable, then waits while the others set theirs.
+    got = await asyncio.gather(*(ref.ask("tagged", i, 0.02 * (i % 3), timeout=10) for i in range(12)))
+    assert got == [[i, i] for i in range(12)]
+    # Nothing leaks into the context that the actor's sequential handlers share.
+    assert await ref.ask("peek", timeout=10) is None
+    assert await ref.ask("at_once", {"k": [1, 2]}, timeout=10) == {"k": [1, 2]}
+
+
+async def test_concurrent_handler_is_cancelled_at_its_first_await(spawn: Any) -> None:
+    ref = await spawn(Isolated)
+    with pytest.raises(cascada.DeadlineExceeded):
+        await ref.ask("nap", 5.0, timeout=0.2)
+    for _ in range(100):  # the cancellation travels as a message to a process actor
+        if (await ref.ask("counts", timeout=10))["cancelled"] == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert await ref.ask("counts", timeout=10) == {"cancelled": 1, "started": 1}
+    assert await ref.ask("nap", 0.0, timeout=10) == "slept"
+
+
+@pytest.mark.parametrize("step", ["first", "later"])
+async def test_concurrent_handler_failure_is_typed_in_either_step(spawn: Any, step: str) -> None:
+    ref = await spawn(Isolated, name="iso")
+    with pytest.raises(cascada.RemoteError) as info:
+        await ref.ask("fail_in", step, timeout=10)
+    assert info.value.remote_type == "ValueError"
+    assert ("before" if step == "first" else "after") in str(info.value)
+    assert info.value.actor == "iso" and info.value.method == "fail_in"
+    assert await ref.ask("at_once", 7, timeout=10) == 7
 
 
 async def test_remote_error_carries_type_and_traceback(spawn: Any) -> None:
