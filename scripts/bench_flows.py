@@ -3,8 +3,9 @@ one hop (the core ask round trip) measured in the same run.
 
 Run it from the repository root:
 
-    .venv/bin/python scripts/bench_flows.py            # full run, about a minute
-    .venv/bin/python scripts/bench_flows.py --quick    # smoke check, ~15 s
+    .venv/bin/python scripts/bench_flows.py            # full run, three placements, about 3 minutes
+    .venv/bin/python scripts/bench_flows.py --quick    # smoke check, ~40 s
+    .venv/bin/python scripts/bench_flows.py --placement unpinned   # one placement
     .venv/bin/python scripts/bench_flows.py --json out.json   # also write every record
 
 The figures:
@@ -37,11 +38,18 @@ The figures:
     middle does the work of both ends of a hop, and on a machine with fewer idle cores than
     busy processes every process gets slower when a third one joins.
 
+Placements (``--placement``, default all three, as in bench_core and bench_tensors):
+``unpinned`` leaves every process to the scheduler; ``same-core`` pins every thread of the
+driver and of every actor process to one CPU; ``cross-core`` pins the driver to one CPU and
+every actor process (the echo, the flows, the relays) to another, through ``spawn(...,
+cpus=)``. A placement changes both the hop and the levels, and not alike: in cross-core the
+hop crosses cores while a level's own hop (flow to echo) stays on one core.
+
 Method: every target is measured in every round, in an order that rotates each round (so a
 noisy machine moves all of them together); each round makes ``n`` sequential calls per
 target after a warm-up; the figure is the median over all calls of all rounds. Output: a
 table and one line per record prefixed with ``JSON `` (``grep '^JSON '``): figure, depth,
-value (µs), unit, floor_name, floor_value (the hop), ratio, target, pass.
+placement, value (µs), unit, floor_name, floor_value (the hop), ratio, target, pass.
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)
 
+import _floors  # noqa: E402
 import _report  # noqa: E402
 
 import cascada  # noqa: E402
@@ -143,13 +152,14 @@ def cpu_and_switches(pid: int) -> tuple[float, int]:
 
 
 async def cpu_split(system: cascada.ActorSystem, targets: dict[str, tuple[cascada.ActorRef, str]],
-                    echo: cascada.ActorRef, n: int) -> None:
+                    echo: cascada.ActorRef, n: int, placement: str, spawn_kw: dict[str, Any]) -> None:
     """CPU and switches per call of each process on the path, for a hop and one level."""
     if "nested1" not in targets:  # --only cpu: the depth-1 level of each kind, made here
-        targets = {**targets, "nested1": (await system.spawn(Sequential, Step(echo, "echo"), name="cpu-flow"), "run"),
-                   "relay1": (await system.spawn(Relay, echo, "echo", name="cpu-relay"), "run")}
+        targets = {**targets,
+                   "nested1": (await system.spawn(Sequential, Step(echo, "echo"), name="cpu-flow", **spawn_kw), "run"),
+                   "relay1": (await system.spawn(Relay, echo, "echo", name="cpu-relay", **spawn_kw), "run")}
     elif "relay1" not in targets:
-        targets = {**targets, "relay1": (await system.spawn(Relay, echo, "echo", name="cpu-relay"), "run")}
+        targets = {**targets, "relay1": (await system.spawn(Relay, echo, "echo", name="cpu-relay", **spawn_kw), "run")}
     for name in ("hop", "nested1", "relay1"):
         ref, method = targets[name]
         pids = {"driver": os.getpid(), "echo": echo.pid}
@@ -166,14 +176,15 @@ async def cpu_split(system: cascada.ActorSystem, targets: dict[str, tuple[cascad
         cpu = {k: (after[k][0] - before[k][0]) / n * 1e6 for k in pids}
         switches = {k: (after[k][1] - before[k][1]) / n for k in pids}
         total = sum(cpu.values())
-        log(f"cpu {name}: mean round trip {rtt:.0f} us; CPU per call " + ", ".join(
+        log(f"cpu {placement} {name}: mean round trip {rtt:.0f} us; CPU per call " + ", ".join(
             f"{k} {v:.0f} us ({switches[k]:.1f} switches)" for k, v in cpu.items()) + f"; all {total:.0f} us")
-        RECORDS.append({"figure": "cpu_per_call", "target_name": name, "value": total, "unit": "us",
+        RECORDS.append({"figure": "cpu_per_call", "target_name": name, "placement": placement, "value": total, "unit": "us",
                         "mean_rtt_us": rtt, "cpu_us": cpu, "switches": switches, "n": n, "target": "info",
                         "pass": None, "floor_name": None, "floor_value": None, "ratio": None})
 
 
-def record(figure: str, depth: int, rtt: float, hop: float, *, placement: str, relay: float | None) -> None:
+def record(figure: str, depth: int, rtt: float, hop: float, *, placement: str, flow_placement: str,
+           relay: float | None) -> None:
     added = rtt - hop
     per_level = added / depth
     ratio = per_level / hop
@@ -182,57 +193,85 @@ def record(figure: str, depth: int, rtt: float, hop: float, *, placement: str, r
     RECORDS.append({"figure": figure, "depth": depth, "value": per_level, "unit": "us", "rtt_us": rtt,
                     "added_us": added, "floor_name": "one hop (ask round trip to the stage)", "floor_value": hop,
                     "ratio": ratio, "target": "<= 1.0x" if figure == "nested" else "info", "placement": placement,
+                    "flow_placement": flow_placement,
                     "pass": passed, "relay_rtt_us": relay, "ratio_to_relay": vs_relay})
-    ROWS.append([figure, str(depth), f"{rtt:.0f} us", f"{added:.0f} us", f"{per_level:.0f} us", f"{hop:.0f} us",
+    ROWS.append([figure, placement, str(depth), f"{rtt:.0f} us", f"{added:.0f} us", f"{per_level:.0f} us", f"{hop:.0f} us",
                  f"{ratio:.2f}x", "-" if vs_relay is None else f"{vs_relay:.2f}x",
                  "<= 1.0x" if passed is not None else "info",
                  "info" if passed is None else ("PASS" if passed else "FAIL")])
 
 
-async def run_all(sz: Sizes, only: frozenset[str]) -> None:
-    async with cascada.ActorSystem() as system:
-        echo = await system.spawn(Echo, name="echo", placement="process")
-        targets: dict[str, tuple[cascada.ActorRef, str]] = {"hop": (echo, "echo")}
-        for figure in FIGURES:
-            if figure not in only or figure == "cpu":
+async def run_all(sz: Sizes, only: frozenset[str], placements: list[str]) -> None:
+    for requested in placements:
+        placement, note = _floors.resolve_placement(requested)
+        if note:
+            log(f"{requested}: {note}")
+        cpus = _floors.placement_cpus(placement)
+        # Actor processes are pinned by the runtime itself (spawn's cpus=), before their
+        # constructors run, so every thread they ever start has the mask.
+        spawn_kw: dict[str, Any] = {} if cpus is None else {"cpus": cpus[1]}
+        try:
+            async with cascada.ActorSystem() as system:
+                await run_placement(system, sz, only, placement, cpus, spawn_kw)
+        finally:
+            _floors.unpin_driver()
+
+
+async def run_placement(system: cascada.ActorSystem, sz: Sizes, only: frozenset[str], placement: str,
+                        cpus: tuple[set[int], set[int]] | None, spawn_kw: dict[str, Any]) -> None:
+    echo = await system.spawn(Echo, name="echo", placement="process", **spawn_kw)
+    targets: dict[str, tuple[cascada.ActorRef, str]] = {"hop": (echo, "echo")}
+    for figure in FIGURES:
+        if figure not in only or figure == "cpu":
+            continue
+        flow_placement: cascada.Placement = "local" if figure == "inline" else "process"
+        kw = spawn_kw if flow_placement == "process" else {}
+        inner: Any = Step(echo, "echo")
+        below, method = echo, "echo"
+        for depth in (1, 2, 3):
+            if figure == "relay":
+                below = await system.spawn(Relay, below, method, name=f"relay{depth}", placement=flow_placement, **kw)
+                method = "run"
+                targets[f"relay{depth}"] = (below, "run")
                 continue
-            placement: cascada.Placement = "local" if figure == "inline" else "process"
-            inner: Any = Step(echo, "echo")
-            below, method = echo, "echo"
+            flow = await system.spawn(Sequential, inner, name=f"{figure}{depth}", placement=flow_placement, **kw)
+            targets[f"{figure}{depth}"] = (flow, "run")
+            inner = flow
+    if cpus is not None:  # after the spawns: the driver's own threads, zmq's I/O thread included
+        pinned = _floors.set_all_threads(os.getpid(), cpus[0])
+        log(f"{placement}: pinned {pinned} driver threads to {sorted(cpus[0])}, every actor process to "
+            f"{sorted(cpus[1])}")
+    log(f"placement {placement}")
+    samples = await measure(targets, sz)
+    hop = statistics.median(samples["hop"])
+    for figure in FIGURES:
+        if figure in only:
+            if figure == "cpu":
+                continue
             for depth in (1, 2, 3):
-                if figure == "relay":
-                    below = await system.spawn(Relay, below, method, name=f"relay{depth}", placement=placement)
-                    method = "run"
-                    targets[f"relay{depth}"] = (below, "run")
-                    continue
-                flow = await system.spawn(Sequential, inner, name=f"{figure}{depth}", placement=placement)
-                targets[f"{figure}{depth}"] = (flow, "run")
-                inner = flow
-        samples = await measure(targets, sz)
-        hop = statistics.median(samples["hop"])
-        for figure in FIGURES:
-            if figure in only:
-                if figure == "cpu":
-                    continue
-                for depth in (1, 2, 3):
-                    relay = samples.get(f"relay{depth}") if figure == "nested" else None
-                    record(figure, depth, statistics.median(samples[f"{figure}{depth}"]), hop,
-                           placement="local" if figure == "inline" else "process",
-                           relay=statistics.median(relay) if relay else None)
-        if "cpu" in only:
-            await cpu_split(system, targets, echo, max(sz.n, 2000))
-        for name, (ref, _) in targets.items():
-            if name != "hop" and not name.startswith("relay"):
-                m = await ref.ask("metrics")
-                assert m["errors"] == 0 and m["ok"] == m["requests"], m
+                relay = samples.get(f"relay{depth}") if figure == "nested" else None
+                record(figure, depth, statistics.median(samples[f"{figure}{depth}"]), hop, placement=placement,
+                       flow_placement="local" if figure == "inline" else "process",
+                       relay=statistics.median(relay) if relay else None)
+    if "cpu" in only:
+        await cpu_split(system, targets, echo, max(sz.n, 2000), placement, spawn_kw)
+    for name, (ref, _) in targets.items():
+        if name != "hop" and not name.startswith("relay"):
+            m = await ref.ask("metrics")
+            assert m["errors"] == 0 and m["ok"] == m["requests"], m
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check of ~15 s")
+    parser.add_argument("--placement", metavar="LIST", default=",".join(_floors.PLACEMENTS),
+                        help=f"comma-separated CPU placements, of {', '.join(_floors.PLACEMENTS)} (default: all)")
     _report.add_common_args(parser, FIGURES)
     args = parser.parse_args()
     only = _report.selected(parser, args.only, FIGURES)
+    placements = [x.strip() for x in args.placement.split(",") if x.strip()]
+    if not placements or not set(placements) <= set(_floors.PLACEMENTS):
+        parser.error(f"--placement takes placements from {', '.join(_floors.PLACEMENTS)}")
     sz = Sizes(args.quick)
     print(f"cascada {cascada.__version__}  python {sys.version.split()[0]}  cpus {sorted(os.sched_getaffinity(0))}  "
           f"loadavg {open('/proc/loadavg').read().split()[:3]}  mode {'quick' if args.quick else 'full'}", flush=True)
@@ -241,13 +280,13 @@ def main() -> int:
     tempfile.tempdir = base
     t0 = time.perf_counter()
     try:
-        cascada.run(run_all(sz, only))
+        cascada.run(run_all(sz, only, placements))
     finally:
         tempfile.tempdir = previous_tempdir
         leftovers = os.listdir(base)
         shutil.rmtree(base, ignore_errors=True)
     if ROWS:
-        _report.print_table(["figure", "depth", "round trip", "added", "added/level", "one hop", "ratio",
+        _report.print_table(["figure", "placement", "depth", "round trip", "added", "added/level", "one hop", "ratio",
                              "vs relay", "target", "result"], ROWS)
     for rec in RECORDS:
         print("JSON " + json.dumps(rec, separators=(",", ":")))
