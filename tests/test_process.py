@@ -60,9 +60,12 @@ async def test_kill9_fails_pending_asks_with_actor_died() -> None:
         assert all(isinstance(r, cascada.ActorDied) for r in results), results
         assert elapsed < 2.0
         assert "may or may not have run" in str(results[0])
-        # Later calls fail at once instead of waiting for a deadline.
+        # Later calls fail at once instead of waiting for a deadline. Which message they get
+        # depends on what was seen first: the exit itself (SIGKILL, gone), or, on a loaded
+        # machine, a connection that dropped while the process was still exiting, then its
+        # listener closing under a call sent meanwhile (its process exited).
         t0 = time.monotonic()
-        with pytest.raises(cascada.ActorDied, match="SIGKILL|gone"):
+        with pytest.raises(cascada.ActorDied, match="SIGKILL|gone|its process exited"):
             await ref.ask("echo_value", 1, timeout=30)
         assert time.monotonic() - t0 < 1.0
         # Others in the system are unaffected.
