@@ -39,13 +39,18 @@ def idempotent(fn: F) -> F:
 
 
 class Handler:
-    __slots__ = ("name", "kind", "concurrent", "idempotent")
+    __slots__ = ("name", "kind", "concurrent", "idempotent", "suspends", "probe")
 
     def __init__(self, name: str, kind: HandlerKind, concurrent: bool, idempotent: bool = False) -> None:
         self.name = name
         self.kind = kind
         self.concurrent = concurrent
         self.idempotent = idempotent
+        # Learned by the cell for a concurrent handler: its first step awaited last time it
+        # was started eagerly (so the next ones start in a task at once), and a countdown to
+        # the next eager try, in case that changed.
+        self.suspends = False
+        self.probe = 0
 
 
 class Actor:

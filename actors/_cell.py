@@ -325,9 +325,19 @@ class ActorCell:
             return False
         concurrent = handler.concurrent
         # A concurrent handler gets a context of its own, as its task would; sequential ones
-        # share the cell's. Starting it here, not in a task the cell's loop makes on its next
-        # turn, saves two loop iterations and a task for a handler that never suspends.
+        # share the cell's.
         ctx = self._ctx.copy() if concurrent else self._ctx
+        if concurrent and handler.suspends:
+            handler.probe -= 1
+            if handler.probe > 0:
+                # It awaits at once: a task that runs it from the start costs one step less
+                # than a first step here and a task to finish it.
+                task = self.node.tasks.spawn(self._call(msg, handler), name=f"{self.name}.{msg.method}", context=ctx)
+                self._side(task)
+                task.add_done_callback(functools.partial(self._killed_before_start, msg))
+                return True
+        # Run here, not in a task the cell's loop makes on its next turn: a concurrent handler
+        # that answers without awaiting then costs no loop iteration and no task.
         # Busy while the first step runs: a message it causes (a tell to itself) must queue,
         # not run nested inside it.
         self._parked = False
@@ -340,6 +350,9 @@ class ActorCell:
             w = self._wakeup
             if w is not None and not w.done():
                 self._parked = True
+        if concurrent:
+            handler.suspends = type(result) is _Suspended
+            handler.probe = _EAGER_PROBE
         if type(result) is _Suspended:
             task = self.node.tasks.spawn(self._finish(msg, result), name=f"{self.name}.{msg.method}", context=ctx)
             if concurrent:  # the actor takes its next message at once
@@ -512,6 +525,7 @@ class ActorCell:
 
 
 _EAGER_CONTEXT = sys.version_info >= (3, 11)  # create_task(context=) arrived in 3.11
+_EAGER_PROBE = 32  # a concurrent handler that awaited at once is tried eagerly again after this many calls
 
 
 class _Answer:

@@ -162,6 +162,13 @@ class Isolated(cascada.Actor):
     async def at_once(self, x: Any) -> Any:
         return x
 
+    @cascada.concurrent
+    async def maybe_wait(self, i: int, wait: bool) -> list[Any]:
+        _TAG.set(i)
+        if wait:
+            await asyncio.sleep(0)
+        return [i, _TAG.get(None)]
+
     async def counts(self) -> dict[str, int]:
         return {"cancelled": self.cancelled, "started": self.started}
 

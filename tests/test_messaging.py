@@ -84,15 +84,29 @@ async def test_concurrent_handlers_keep_their_own_context(spawn: Any) -> None:
     assert await ref.ask("at_once", {"k": [1, 2]}, timeout=10) == {"k": [1, 2]}
 
 
+async def test_concurrent_handler_that_changes_between_awaiting_and_not(spawn: Any) -> None:
+    # The cell learns whether a concurrent handler awaits at once (then it starts the next
+    # ones in a task straight away) and tries again now and then: every path answers right.
+    ref = await spawn(Isolated)
+    pattern = [True] * 40 + [False] * 40 + [i % 3 == 0 for i in range(80)]
+    for i, wait in enumerate(pattern):
+        assert await ref.ask("maybe_wait", i, wait, timeout=10) == [i, i]
+    got = await asyncio.gather(*(ref.ask("maybe_wait", i, i % 2 == 0, timeout=10) for i in range(100)))
+    assert got == [[i, i] for i in range(100)]
+    assert await ref.ask("peek", timeout=10) is None
+
+
 async def test_concurrent_handler_is_cancelled_at_its_first_await(spawn: Any) -> None:
     ref = await spawn(Isolated)
-    with pytest.raises(cascada.DeadlineExceeded):
-        await ref.ask("nap", 5.0, timeout=0.2)
-    for _ in range(100):  # the cancellation travels as a message to a process actor
-        if (await ref.ask("counts", timeout=10))["cancelled"] == 1:
-            break
-        await asyncio.sleep(0.02)
-    assert await ref.ask("counts", timeout=10) == {"cancelled": 1, "started": 1}
+    # The first call starts eagerly; having awaited, the second starts in a task at once.
+    for k in (1, 2):
+        with pytest.raises(cascada.DeadlineExceeded):
+            await ref.ask("nap", 5.0, timeout=0.2)
+        for _ in range(100):  # the cancellation travels as a message to a process actor
+            if (await ref.ask("counts", timeout=10))["cancelled"] == k:
+                break
+            await asyncio.sleep(0.02)
+        assert await ref.ask("counts", timeout=10) == {"cancelled": k, "started": k}
     assert await ref.ask("nap", 0.0, timeout=10) == "slept"
 
 
