@@ -4,7 +4,7 @@ one hop (the core ask round trip) measured in the same run.
 Run it from the repository root:
 
     .venv/bin/python scripts/bench_flows.py            # full run, three placements, about 3 minutes
-    .venv/bin/python scripts/bench_flows.py --quick    # smoke check, ~40 s
+    .venv/bin/python scripts/bench_flows.py --quick    # smoke check, about 25 s
     .venv/bin/python scripts/bench_flows.py --placement unpinned   # one placement
     .venv/bin/python scripts/bench_flows.py --json out.json   # also write every record
 
@@ -263,7 +263,7 @@ async def run_placement(system: cascada.ActorSystem, sz: Sizes, only: frozenset[
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check of ~15 s")
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke check of about 25 s")
     parser.add_argument("--placement", metavar="LIST", default=",".join(_floors.PLACEMENTS),
                         help=f"comma-separated CPU placements, of {', '.join(_floors.PLACEMENTS)} (default: all)")
     _report.add_common_args(parser, FIGURES)
