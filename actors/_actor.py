@@ -46,9 +46,9 @@ class Handler:
         self.kind = kind
         self.concurrent = concurrent
         self.idempotent = idempotent
-        # Learned by the cell for a concurrent handler: its first step awaited last time it
-        # was started eagerly (so the next ones start in a task at once), and a countdown to
-        # the next eager try, in case that changed.
+        # Learned by the cells for a concurrent handler (per class, in each process): its
+        # first step awaited the last time it was started eagerly (so the next calls start in
+        # a task at once), and a countdown to the next eager try, in case that changed.
         self.suspends = False
         self.probe = 0
 
