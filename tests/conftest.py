@@ -6,8 +6,10 @@ test process), ipc directories, shared-memory segments in /dev/shm, and file des
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -27,11 +29,11 @@ PLACEMENTS = ["local", "process-ipc", "process-tcp"]
 _SESSION_TMP = tempfile.mkdtemp(prefix="cascada-tests-")
 os.environ["TMPDIR"] = _SESSION_TMP
 tempfile.tempdir = _SESSION_TMP
+# Also at exit: a usage error ends pytest before pytest_sessionfinish runs.
+atexit.register(shutil.rmtree, _SESSION_TMP, True)
 
 
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
-    import shutil
-
     shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 
 
