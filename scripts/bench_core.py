@@ -25,6 +25,11 @@ The figures:
     second. The driver's threads are put back on all its CPUs after each cascada round, so
     the floors (which pin themselves) run from an unpinned driver.
 
+``ask_rtt_concurrent_us`` (the same placements and rounds; information)
+    The same call to a ``@cascada.concurrent`` handler, against the plain handler of the
+    same rounds: a concurrent handler that answers without awaiting should cost what a plain
+    one does (both start straight from the socket's read callback).
+
 ``pipelined_calls_per_s`` (unpinned only)
     ``asyncio.gather`` of 1000 asks, repeated to ~20k calls; calls per second. Floor:
     ``_floors.lean_pipelined(in_flight=1000)``. Target >= 40k calls/s.
@@ -98,6 +103,10 @@ class Echo(cascada.Actor):
     """The small-message actor of every call figure."""
 
     async def add(self, k: int) -> int:
+        return 3
+
+    @cascada.concurrent
+    async def add_concurrent(self, k: int) -> int:
         return 3
 
 
@@ -212,15 +221,15 @@ def print_table() -> None:
 # --------------------------------------------------------------------------- 1. ask RTT
 
 
-async def cascada_rtt(ref: cascada.ActorRef, n: int) -> list[float]:
+async def cascada_rtt(ref: cascada.ActorRef, n: int, method: str = "add") -> list[float]:
     ask = ref.ask
     for _ in range(WARMUP):
-        await ask("add", 2)
+        await ask(method, 2)
     samples = [0.0] * n
     clock = time.perf_counter_ns
     for i in range(n):
         t0 = clock()
-        await ask("add", 2)
+        await ask(method, 2)
         samples[i] = (clock() - t0) / 1000.0
     return samples
 
@@ -237,16 +246,19 @@ async def bench_rtt(system: cascada.ActorSystem, sz: Sizes) -> dict[str, dict[st
         cpus, pinned = _floors.pin_driver_and(ref.pid, effective)
         if pinned:
             log(f"{placement}: {pinned} (the actor)")
-        samples: dict[str, list[float]] = {"cascada": [], "lean": [], "reqrep": []}
-        per_round: dict[str, list[float]] = {"cascada": [], "lean": [], "reqrep": []}
+        samples: dict[str, list[float]] = {"cascada": [], "lean": [], "reqrep": [], "concurrent": []}
+        per_round: dict[str, list[float]] = {"cascada": [], "lean": [], "reqrep": [], "concurrent": []}
 
-        async def run_cascada() -> list[float]:
+        async def run_cascada(method: str = "add") -> list[float]:
             if cpus is not None:
                 _floors.set_all_threads(os.getpid(), cpus[0])  # back on its CPU after a floor
             try:
-                return await cascada_rtt(ref, sz.rtt_n)
+                return await cascada_rtt(ref, sz.rtt_n, method)
             finally:
                 _floors.unpin_driver()
+
+        async def run_concurrent() -> list[float]:
+            return await run_cascada("add_concurrent")
 
         async def run_lean() -> list[float]:
             res = await in_thread(_floors.lean_echo_rtt, sz.rtt_n, effective)
@@ -257,7 +269,7 @@ async def bench_rtt(system: cascada.ActorSystem, sz: Sizes) -> dict[str, dict[st
             return list(res["samples_us"])
 
         steps: list[tuple[str, Callable[[], Awaitable[list[float]]]]] = [
-            ("cascada", run_cascada), ("lean", run_lean), ("reqrep", run_reqrep)]
+            ("cascada", run_cascada), ("lean", run_lean), ("reqrep", run_reqrep), ("concurrent", run_concurrent)]
         for rnd in range(sz.rtt_rounds):
             for key, fn in rotated(steps, rnd):
                 got = await fn()
@@ -286,6 +298,11 @@ async def bench_rtt(system: cascada.ActorSystem, sz: Sizes) -> dict[str, dict[st
                shown=f"{med['cascada']:.1f} us (p99 {p99['cascada']:.0f})",
                floor_shown=f"{med['reqrep']:.1f} us (p99 {p99['reqrep']:.0f})",
                floor_p99=p99["reqrep"], floor_round_medians=per_round["reqrep"], **common)
+        record("ask_rtt_concurrent_us", med["concurrent"], "us", floor_name="ask_rtt_us", floor_value=med["cascada"],
+               target="info", passed=None, placement=effective,
+               shown=f"{med['concurrent']:.1f} us (p99 {p99['concurrent']:.0f})",
+               floor_shown=f"{med['cascada']:.1f} us (plain handler)",
+               floor_round_medians=per_round["cascada"], round_medians=per_round["concurrent"], **common)
         summary[effective] = {"cascada": med["cascada"], "lean": med["lean"], "reqrep": med["reqrep"],
                               "cascada_p99": p99["cascada"], "lean_p99": p99["lean"]}
     return summary
