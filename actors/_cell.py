@@ -472,6 +472,8 @@ class ActorCell:
                 try:
                     item = await agen.__anext__()
                 except StopAsyncIteration:
+                    # The arguments go first, so the end can carry their leases' releases.
+                    msg.args, msg.kwargs = (), None
                     reply.end()
                     break
                 if not await credit.acquire(timeout):

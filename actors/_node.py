@@ -44,7 +44,7 @@ from ..transport._errors import (
 from ..transport._socket import AsyncSocket, Unroutable, configure
 from ..transport._tensors import Destination, PoolBusy, TensorCodec, TensorOptions
 from ..transport._wire import (DEFAULT_MAX_CONTAINERS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_MESSAGE_BYTES, EXT_REF,
-                               Codec, Envelope, Kind, Limits, error_body)
+                               MAX_RELEASED, Codec, Envelope, Kind, Limits, error_body)
 from ._errors import ActorDied, ActorInitFailed, ActorNotFound, Overloaded, SystemClosed
 from ._messages import Message, RemoteReply, StreamCredit, StreamSink
 from ._portable_errors import error_from_parts
@@ -227,6 +227,7 @@ class Node:
         self.tensors.leases.on_change = self._leases_changed
         self.codec.install_tensors(self.tensors)
         self._releases: deque[tuple[str, int, int]] = deque()
+        self._lease_owners: dict[bytes, str] = {}  # caller connection -> the node whose leased tensors it sent
         self._release_scheduled = False
         self._sweeper: asyncio.Task[None] | None = None
         self._room: asyncio.Event | None = None  # set when a pool segment comes free
@@ -370,12 +371,21 @@ class Node:
 
     def _on_inbound(self, frames: list[bytes]) -> None:
         identity = frames[0]
+        self.tensors.owners_seen = None  # a reply decoded elsewhere may have set it
         try:
             envs, err = self.codec.decode_all(frames, 1)
         except (ProtocolError, TensorLost) as exc:
             self._reject(identity, frames, exc)
             return
         self.stats.received += len(envs)
+        if self.tensors.owners_seen is not None:
+            # Leased tensors came in: one zmq message has one sender, and the leases of the
+            # tensors it sends are its own, so this connection leads back to their owner (a
+            # reply on it can carry their releases, see _take_releases).
+            if len(self._lease_owners) > 4096:
+                self._lease_owners.clear()
+            self._lease_owners[identity] = self.tensors.owners_seen
+            self.tensors.owners_seen = None
         # What each message holds in a mailbox: its frames (a batch's frame shared out evenly).
         self._inbound_size = sum(len(f) for f in frames[1:]) // len(envs) if envs else 0
         if self.backlog:
@@ -408,15 +418,19 @@ class Node:
                     self.stats.tell_failures += 1
                     self.log.warning("no-actor", "tell to unknown actor %r on node %s dropped", env.target, self.id)
                 return False
-            args, kwargs = env.body
             credit = None
             if kind is Kind.STREAM:
                 credit = StreamCredit(env.opts or self.config.stream_window)
                 self.streams[(identity, env.corr)] = credit
             reply = None if kind is Kind.TELL else RemoteReply(self, identity, env.corr)
             method = cast(str, env.method)  # the codec refuses requests without one
-            msg = Message(kind, method, args, kwargs, env.deadline, reply, credit, env.owners, env.ctx, env.target,
+            # The message alone holds the arguments: a handler that answers at once has let
+            # go of them (leased tensors and all) before its reply is encoded, so the reply
+            # can carry their releases.
+            body, env.body = env.body, None
+            msg = Message(kind, method, body[0], body[1], env.deadline, reply, credit, env.owners, env.ctx, env.target,
                           env.key)
+            del body
             msg.size = self._inbound_size
             if reply is not None:
                 self.running[(identity, env.corr)] = msg
@@ -534,13 +548,17 @@ class Node:
     def _encode_reply(self, identity: bytes, kind: Kind, corr: int, body: Any,
                       deadline: float | None = None) -> asyncio.Future[None] | None:
         self.tensors.dest = self.dest_for(identity)
+        released = self._take_releases(identity) if self._releases else None
         try:
-            frames = self.codec.encode(kind, corr, None, None, None, None, body, None, self.incarnation)
+            frames = self.codec.encode(kind, corr, None, None, None, None, body, None, self.incarnation,
+                                       released=released)
             batch = not self.codec.leased
-        except PoolBusy:
-            raise
-        except CascadaError as exc:
-            code = send_error_code(exc)
+        except BaseException as exc:
+            if released is not None:
+                self._owe_releases(identity, released)  # they go with the next message instead
+            if isinstance(exc, PoolBusy):
+                raise
+            code = send_error_code(exc) if isinstance(exc, CascadaError) else None
             if code is None:
                 raise
             self.send_error(identity, corr, code, type(exc).__name__, f"the reply cannot travel: {exc}", None)
@@ -693,6 +711,33 @@ class Node:
         except RuntimeError:
             pass  # the loop is closed: the owner expires these leases when we are gone
 
+    def _take_releases(self, identity: bytes) -> list[int] | None:
+        """The lease ids owed to the node behind this caller connection (see _on_inbound), taken
+        out of the queue to ride on a reply to it: no release message of their own, and the
+        owner has them back as soon as it has the answer. Up to MAX_RELEASED of them."""
+        owner = self._lease_owners.get(identity)
+        if owner is None:
+            return None
+        q = self._releases
+        taken: list[int] = []
+        # Other threads may append meanwhile (a tensor freed there): look at as many entries
+        # as there are now, and put back, at the end, those for other owners.
+        for _ in range(len(q)):
+            entry = q.popleft()
+            if entry[0] == owner and len(taken) < MAX_RELEASED:
+                taken.append(entry[2])
+            else:
+                q.append(entry)
+        return taken or None
+
+    def _owe_releases(self, identity: bytes, ids: list[int]) -> None:
+        """Releases taken for a reply that could not be encoded: they go the usual way."""
+        owner = self._lease_owners.get(identity)
+        if owner is not None:
+            pid = self.dest_for(identity).consumer[1]
+            for lease_id in ids:
+                self._lease_released(owner, pid, lease_id)
+
     def _flush_releases(self) -> None:
         self._release_scheduled = False
         by_owner: dict[tuple[str, int], list[int]] = {}
@@ -717,6 +762,7 @@ class Node:
         args = env.body[0]
         if len(args) != 1 or type(args[0]) is not list or not all(type(i) is int for i in args[0]):
             raise ProtocolError("lease.release takes one list of lease ids")
+        self.tensors.leases.stats.release_messages += 1
         self.tensors.leases.release(args[0])
 
     def _leases_changed(self) -> None:
@@ -1162,6 +1208,10 @@ class Peer:
         node = self.node
         kind = env.kind
         inc = env.incarnation
+        if env.released is not None:  # leases of ours the callee let go of: whoever waits or not
+            leases = node.tensors.leases
+            leases.stats.released_on_replies += len(env.released)
+            leases.release(env.released)
         if kind is Kind.REPLY or kind is Kind.ERROR:
             entry = self.calls.pop(env.corr, None)
             if entry is not None:

@@ -5,6 +5,7 @@ exhaustion, and leases when a consumer or a producer is killed."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import glob
 import hashlib
 import os
@@ -76,6 +77,25 @@ class Sink(cascada.Actor):
 
     async def make(self, n: int) -> Any:
         return torch.arange(n, dtype=torch.float32)
+
+    def total_now(self, x: Any) -> float:
+        return float(x.double().sum())
+
+    async def total_later(self, x: Any, seconds: float) -> float:
+        await asyncio.sleep(seconds)
+        return float(x.double().sum())
+
+    def total_blocking(self, x: Any, seconds: float) -> float:
+        time.sleep(seconds)  # not cancellable: its caller, gone by then, gets a late reply
+        return float(x.double().sum())
+
+    async def total_with(self, x: Any, other: cascada.ActorRef, n: int) -> float:
+        y = await other.ask("make", n)  # a tensor leased by other's process
+        return float(x.double().sum()) + float(y.double().sum())
+
+    async def items(self, x: Any, n: int) -> Any:
+        for i in range(n):
+            yield float(x[i])
 
 
 class Producer(cascada.Actor):
@@ -192,6 +212,95 @@ async def test_a_pool_tensor_is_handed_over_without_a_copy() -> None:
         assert await ref.ask("total", t[1000:2000]) == 2000.0
         assert (await system.tensor_stats())["shm_handoff"] == 3
         del t, a
+
+
+async def test_a_reply_brings_back_the_leases_of_the_tensors_its_request_took() -> None:
+    """A handler done with a leased tensor before it answers: the release rides on the reply
+    (no lease.release message of its own), so the lease has ended by the time the caller
+    has its answer. Sync and async handlers, answering at once or after an await, asks and
+    streams."""
+    async with cascada.ActorSystem() as system:
+        ref = await system.spawn(Sink)
+        t = cascada.empty((MiB // 4,), "float32")
+        t.fill_(1.0)
+        await ref.ask("total", t)  # connects: the first releases may go either way
+        await _until(lambda: _outstanding(system, 0))
+        before = (await system.tensor_stats())["leases"]
+        calls = [("total", ()), ("total_now", ()), ("total_later", (0.01,))]
+        for i in range(30):
+            method, extra = calls[i % 3]
+            assert await ref.ask(method, t, *extra) == float(MiB // 4)
+            # Checked before the loop runs again: nothing else could have released it.
+            leases = (await system.tensor_stats())["leases"]
+            assert leases["outstanding"] == 0, (i, method, leases)
+        assert [x async for x in ref.stream("items", t, 3)] == [1.0, 1.0, 1.0]
+        leases = (await system.tensor_stats())["leases"]
+        assert leases["outstanding"] == 0
+        assert leases["released_on_replies"] - before["released_on_replies"] == 31
+        assert leases["release_messages"] == before["release_messages"]
+        assert leases["released"] - before["released"] == 31 and leases["unknown_releases"] == 0
+        del t
+
+
+async def test_a_tensor_kept_past_the_reply_is_released_by_a_message_later() -> None:
+    async with cascada.ActorSystem() as system:
+        ref = await system.spawn(Sink)
+        t = cascada.empty((MiB // 4,), "float32")
+        t.fill_(3.0)
+        await ref.ask("keep", t)
+        messages = (await system.tensor_stats())["leases"]["release_messages"]
+        await ref.ask("keep", t, 0.2)  # kept, then let go of by a timer: no reply to ride on
+        await asyncio.sleep(0.05)
+        assert (await system.tensor_stats())["leases"]["outstanding"] == 2  # the actor holds both
+        await _until(lambda: _outstanding(system, 0))
+        assert (await system.tensor_stats())["leases"]["release_messages"] == messages + 1
+        del t
+
+
+async def test_a_late_reply_still_brings_back_its_leases() -> None:
+    """The caller gave up (its deadline passed); the handler could not be stopped and answers
+    after all. Nobody waits for that reply, but the leases it carries end."""
+    async with cascada.ActorSystem() as system:
+        ref = await system.spawn(Sink)
+        t = cascada.empty((MiB // 4,), "float32")
+        t.fill_(1.0)
+        await ref.ask("total", t)
+        await _until(lambda: _outstanding(system, 0))
+        before = (await system.tensor_stats())["leases"]
+        with pytest.raises(cascada.DeadlineExceeded):
+            await ref.ask("total_blocking", t, 0.3, timeout=0.05)
+        await _until(lambda: _outstanding(system, 0))
+        after = (await system.tensor_stats())["leases"]
+        assert after["released_on_replies"] - before["released_on_replies"] == 1
+        assert after["release_messages"] == before["release_messages"]
+        assert (await system.stats(ref))["actors"][0]["handled"] >= 2
+        del t
+        gc.collect()  # the DeadlineExceeded's traceback, a cycle, holds frames that saw t
+
+
+async def test_releases_ride_only_on_replies_to_the_node_that_issued_the_leases() -> None:
+    """The middle process gets a tensor from the driver and one from a third process in the
+    same call: the driver's release comes back on the answer, the third's in a message to
+    the third, and nobody is handed a lease id it never issued."""
+    async with cascada.ActorSystem() as system:
+        middle = await system.spawn(Sink)
+        third = await system.spawn(Producer)
+        t = cascada.empty((MiB // 4,), "float32")
+        t.fill_(1.0)
+        n = MiB // 4
+        for _ in range(5):
+            assert await middle.ask("total_with", t, third, n) == float(n) + float(n * (n - 1) // 2)
+            assert (await system.tensor_stats())["leases"]["outstanding"] == 0
+        await _until(lambda: _outstanding(system, 0, third))
+        ours, theirs = (await system.tensor_stats())["leases"], (await system.tensor_stats(third))["leases"]
+        assert ours["unknown_releases"] == 0 and theirs["unknown_releases"] == 0
+        assert ours["released_on_replies"] >= 4 and theirs["released"] == theirs["issued"] == 5
+        assert theirs["release_messages"] >= 1 and theirs["released_on_replies"] == 0
+        del t
+
+
+async def _outstanding(system: cascada.ActorSystem, n: int, ref: cascada.ActorRef | None = None) -> bool:
+    return bool((await system.tensor_stats(ref))["leases"]["outstanding"] == n)
 
 
 async def test_empty_outside_a_system_and_bad_arguments() -> None:

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cascada.transport import Codec, Kind, Limits, ProtocolError, SerializationError
-from cascada.transport._wire import error_body
+from cascada.transport._wire import MAX_RELEASED, error_body
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -341,8 +341,8 @@ def test_unknown_ext_code_is_refused() -> None:
 
 
 def test_newer_senders_may_append_fields() -> None:
-    head = msgpack.packb([1, 2, 5, "s", "t", "m", None, [[1], None], None, "inc", None, "key", "want", "a future field",
-                          3])
+    head = msgpack.packb([1, 2, 5, "s", "t", "m", None, [[1], None], None, "inc", None, "key", "want", None,
+                          "a future field", 3])
     env = Codec().decode([head])
     assert env.body == [[1], None] and env.incarnation == "inc" and env.ctx is None
     assert env.key == "key" and env.expect == "want"
@@ -358,6 +358,26 @@ def test_a_request_stamped_with_the_incarnation_it_is_meant_for_round_trips() ->
     for bad in ("", "x" * 129, 7, True, ["inc"], b"inc"):
         head = msgpack.packb([1, 1, 5, "s", "t", "m", None, [[], None], None, None, None, None, bad])
         with pytest.raises(ProtocolError, match="expected incarnation"):
+            codec.decode([head])
+
+
+def test_released_leases_ride_on_replies_and_nowhere_else() -> None:
+    codec = Codec()
+    for kind in (Kind.REPLY, Kind.ITEM, Kind.END):
+        env = codec.decode(codec.encode(kind, 7, None, None, None, None, 1.5, released=[3, 1, 2]))
+        assert env.released == [3, 1, 2] and env.body == 1.5 and env.kind is kind
+    plain = codec.encode(Kind.REPLY, 7, None, None, None, None, 1.5)
+    assert codec.decode(plain).released is None and len(msgpack.unpackb(plain[0])) == 10
+    for kind in (Kind.ASK, Kind.TELL, Kind.ERROR, Kind.CANCEL):
+        body = [[], None] if kind in (Kind.ASK, Kind.TELL) else None
+        if kind is Kind.ERROR:
+            body = ["remote", "E", "m", None, None]
+        head = msgpack.packb([1, int(kind), 5, "s", "t", "m", None, body, None, None, None, None, None, [1]])
+        with pytest.raises(ProtocolError, match="cannot carry released leases"):
+            codec.decode([head])
+    for bad in ([], [0], [-1], [1.0], ["1"], [True], [1 << 63], 5, "x", {"a": 1}, [1] * (MAX_RELEASED + 1)):
+        head = msgpack.packb([1, int(Kind.REPLY), 5, None, None, None, None, 1, None, None, None, None, None, bad])
+        with pytest.raises(ProtocolError, match="released leases"):
             codec.decode([head])
 
 

@@ -290,6 +290,7 @@ class TensorCodec:
         self._cuda: Any = None
         self._issued: list[int] = []
         self.owners: list[int] = []  # owner pids of leased tensors in the message being decoded
+        self.owners_seen: str | None = None  # endpoint of the last leased tensor's owner decoded (the node reads it)
         self.passthrough = (TensorLost,)  # decode errors the codec lets through untranslated
         self.pool_waker: Callable[[], None] | None = None
         self._lock = threading.Lock()
@@ -626,6 +627,7 @@ class TensorCodec:
             raise ProtocolError(f"bad tensor descriptor: segment {name} does not belong to pid {owner_pid}")
         _check_owner(owner_endpoint)
         self.owners.append(owner_pid)
+        self.owners_seen = owner_endpoint
         # If the open fails, no release is sent: the segment is gone or recycled (the lease
         # has ended), or the descriptor was bad; the owner expires what is left. Otherwise
         # the reader calls _release_shm exactly once, when the buffer is freed.
@@ -649,6 +651,7 @@ class TensorCodec:
         _check_owner(owner_endpoint)
         lease_id = inner[5]
         self.owners.append(owner_pid)
+        self.owners_seen = owner_endpoint
         release = self._releaser(owner_endpoint, owner_pid, lease_id)
         try:
             out = self.cuda.open(inner, lib, dtype, tuple(dims), nbytes, release)

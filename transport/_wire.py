@@ -2,7 +2,7 @@
 
 Frame 0 is a msgpack array, positional for speed::
 
-    [version, kind, corr, sender, target, method, deadline, body, opts, incarnation(, ctx(, key(, expect)))]
+    [version, kind, corr, sender, target, method, deadline, body, opts, incarnation(, ctx(, key(, expect(, released))))]
 
 - ``version`` is the format version (1). A receiver rejects versions it does not know.
 - ``kind`` is a :class:`Kind`. ``corr`` is the correlation id, unique per sending connection.
@@ -23,6 +23,12 @@ Frame 0 is a msgpack array, positional for speed::
   actor the request is meant for (a string of at most 128 characters). A receiver hosting
   another incarnation refuses the request unrun (an ActorDied error reply) and the sender
   accepts a reply only from the incarnation it expected. Absent or nil: no check.
+- ``released``, present only on a REPLY, ITEM or END that carries some, lists ids of leases
+  (shared-memory and CUDA IPC tensors, see ``transport/TENSOR_LIFETIMES.md``) that the
+  receiver of the request has let go of: leases the process the reply goes to issued, on
+  tensors it sent in its requests. They ride on the reply instead of a message of their
+  own (``lease.release``). At most ``MAX_RELEASED`` positive ints; the receiver releases
+  them whether or not a call still waits for the reply.
 
 A frame may also be a **batch**: the byte 0xC1 (which msgpack never uses, so a decoder that
 predates batches rejects it loudly) followed by several headers back to back. Senders batch
@@ -64,6 +70,7 @@ class Kind(enum.IntEnum):
 
 
 REQUEST_KINDS = frozenset((Kind.ASK, Kind.TELL, Kind.STREAM))
+_RELEASING_KINDS = frozenset((Kind.REPLY, Kind.ITEM, Kind.END))
 _KIND_BY_VALUE = {int(k): k for k in Kind}
 
 # Nested ext values recurse through msgpack's C code, where Python's recursion limit does
@@ -107,6 +114,7 @@ TUPLE_NESTING_FREE = 16 << 10
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 30
 
 MAX_CTX_PATH = 256  # actor names a request context's path may hold
+MAX_RELEASED = 4096  # lease ids one reply may carry back to their issuer
 
 BATCH_MARKER = b"\xc1"
 MAX_BATCH_DECODE = 4096  # messages in one batch frame a receiver accepts
@@ -144,6 +152,7 @@ class Envelope:
         "ctx",
         "key",
         "expect",
+        "released",
     )
 
     def __init__(
@@ -160,6 +169,7 @@ class Envelope:
         ctx: list[Any] | None = None,
         key: str | None = None,
         expect: str | None = None,
+        released: list[int] | None = None,
     ) -> None:
         self.kind = kind
         self.corr = corr
@@ -173,6 +183,7 @@ class Envelope:
         self.ctx = ctx
         self.key = key
         self.expect = expect  # on a request: the incarnation it is meant for (None: any)
+        self.released = released  # on a reply: lease ids its receiver issued, now let go of
         # pids of the processes that own leased tensors in this message (shm, CUDA IPC):
         # if one has died by the time the message is handled, it fails with TensorLost.
         self.owners: list[int] | None = None
@@ -312,12 +323,18 @@ class Codec:
         ctx: list[Any] | None = None,
         key: str | None = None,
         expect: str | None = None,
+        released: list[int] | None = None,
     ) -> list[Any]:
         """The frames of one message: the header, then any out-of-band buffers."""
         oob: list[Any] = []
         self._oob = oob
         try:
-            if ctx is None and key is None and expect is None:
+            if released is not None:
+                head = self._packer.pack(
+                    [VERSION, int(kind), corr, sender, target, method, deadline, body, opts, incarnation, ctx, key,
+                     expect, released]
+                )
+            elif ctx is None and key is None and expect is None:
                 head = self._packer.pack(
                     [VERSION, int(kind), corr, sender, target, method, deadline, body, opts, incarnation]
                 )
@@ -709,6 +726,7 @@ def _validate(h: Any) -> Envelope:
     ctx = h[10] if len(h) > 10 else None
     key = h[11] if len(h) > 11 else None
     expect = h[12] if len(h) > 12 else None
+    released = h[13] if len(h) > 13 else None
     if type(version) is not int or version != VERSION:
         raise ProtocolError(f"wire version {show(version)} is not supported (this side speaks {VERSION})")
     k = _KIND_BY_VALUE.get(kind) if type(kind) is int else None
@@ -753,7 +771,17 @@ def _validate(h: Any) -> Envelope:
     elif k is Kind.CREDIT:
         if opts is None or opts <= 0:
             raise ProtocolError("credit without a positive amount")
-    return Envelope(k, corr, sender, target, method, deadline, body, opts, incarnation, ctx, key, expect)
+    if released is not None:
+        _check_released(k, released)
+    return Envelope(k, corr, sender, target, method, deadline, body, opts, incarnation, ctx, key, expect, released)
+
+
+def _check_released(k: Kind, released: Any) -> None:
+    if k not in _RELEASING_KINDS:
+        raise ProtocolError(f"a {k.name} cannot carry released leases (only a reply, item or end)")
+    if (type(released) is not list or not 0 < len(released) <= MAX_RELEASED
+            or not all(type(i) is int and 0 < i < 1 << 63 for i in released)):
+        raise ProtocolError(f"released leases must be 1-{MAX_RELEASED} positive ints")
 
 
 def _check_ctx(ctx: Any) -> None:
