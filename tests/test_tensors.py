@@ -249,7 +249,7 @@ async def test_a_tensor_kept_past_the_reply_is_released_by_a_message_later() -> 
         t.fill_(3.0)
         await ref.ask("keep", t)
         messages = (await system.tensor_stats())["leases"]["release_messages"]
-        await ref.ask("keep", t, 0.2)  # kept, then let go of by a timer: no reply to ride on
+        await ref.ask("keep", t, 1.0)  # kept, then let go of by a timer: no reply to ride on
         await asyncio.sleep(0.05)
         assert (await system.tensor_stats())["leases"]["outstanding"] == 2  # the actor holds both
         await _until(lambda: _outstanding(system, 0))
