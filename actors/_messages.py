@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 class Message:
     __slots__ = ("kind", "method", "args", "kwargs", "deadline", "reply", "credit", "owners", "ctx", "target",
-                 "done", "cancelled", "task", "key", "size")
+                 "done", "cancelled", "task", "key", "size", "leased")
 
     def __init__(
         self,
@@ -54,6 +54,9 @@ class Message:
         self.task: asyncio.Task[Any] | None = None  # the task its handler runs in, while it runs
         self.key = key  # idempotency key of an at-least-once call (see cascada.idempotent)
         self.size = 0  # bytes it arrived in (0 for a local message: nothing was serialized)
+        # (address, nbytes) of the shm tensors it brought: its handler may pass them on
+        # without a copy (see TensorCodec._pass_on).
+        self.leased: list[tuple[int, int]] | None = None
 
 
 class Reply:

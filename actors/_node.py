@@ -46,6 +46,7 @@ from ..transport._tensors import Destination, PoolBusy, TensorCodec, TensorOptio
 from ..transport._wire import (DEFAULT_MAX_CONTAINERS, DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_MESSAGE_BYTES, EXT_REF,
                                MAX_RELEASED, Codec, Envelope, Kind, Limits, error_body)
 from ._errors import ActorDied, ActorInitFailed, ActorNotFound, Overloaded, SystemClosed
+from ._context import handling
 from ._messages import Message, RemoteReply, StreamCredit, StreamSink
 from ._portable_errors import error_from_parts
 from ._ratelimit import RateLimitedLog
@@ -295,6 +296,7 @@ class Node:
         self.tensors.owner_endpoint = self.endpoint
         self._thread = threading.get_ident()
         self.tensors.pool_waker = self._wake_room
+        self.tensors.may_pass_on = self._may_pass_on
         self.control_sync["lease.release"] = self._on_lease_release
         self.control_sync["peer.update"] = self._on_peer_update
 
@@ -386,6 +388,11 @@ class Node:
                 self._lease_owners.clear()
             self._lease_owners[identity] = self.tensors.owners_seen
             self.tensors.owners_seen = None
+            if self.tensors.ranges:
+                ranges = self.tensors.take_ranges()
+                for env in envs:
+                    if env.owners:
+                        env.ranges = ranges
         # What each message holds in a mailbox: its frames (a batch's frame shared out evenly).
         self._inbound_size = sum(len(f) for f in frames[1:]) // len(envs) if envs else 0
         if self.backlog:
@@ -432,6 +439,7 @@ class Node:
                           env.key)
             del body
             msg.size = self._inbound_size
+            msg.leased = env.ranges
             if reply is not None:
                 self.running[(identity, env.corr)] = msg
             if cell.deliver(msg):
@@ -710,6 +718,15 @@ class Node:
                 self._loop.call_soon_threadsafe(self._flush_releases)
         except RuntimeError:
             pass  # the loop is closed: the owner expires these leases when we are gone
+
+    def _may_pass_on(self, address: int, nbytes: int) -> bool:
+        """Whether a received shm tensor being sent may go on by its segment (no copy): only
+        while its handler runs, and only one that came in the request being handled."""
+        msg = handling.get()
+        if msg is None or msg.leased is None or msg.done:
+            return False
+        end = address + nbytes
+        return any(start <= address and end <= start + n for start, n in msg.leased)
 
     def _take_releases(self, identity: bytes) -> list[int] | None:
         """The lease ids owed to the node behind this caller connection (see _on_inbound), taken

@@ -19,7 +19,10 @@ def empty(shape: int | Sequence[int], dtype: Any = "float32", *, lib: Literal["t
 
     The receiver sees the very same memory: write the data first, send it, and do not change
     it while a receiver may still be reading (as with torch.multiprocessing's shared tensors).
-    The segment returns to the pool when this tensor and every receiver's copy are freed.
+    So does every process it is passed on to: a receiver that sends it on while handling the
+    request it came in (a flow passing its input to a stage) sends the same segment, without
+    a copy, at every level. The segment returns to the pool when this tensor and every
+    receiver's view are freed.
     Raises PoolExhausted when the pool has no room, SystemClosed outside a running system.
     """
     node = current_node.get(None)

@@ -1288,8 +1288,34 @@ class TestShmDescriptors:
                 wrong.append((over, "opened a segment before refusing"))
         assert wrong == []
 
+    def test_shared_form_releases_to_its_issuer(self, setup: Any) -> None:
+        """Nine fields: a shared tensor. The issuer nil is the owner (a hand-off); named, it is
+        a process that passed the tensor on, and the release goes there, while the owner
+        still stands for the segment (its name, its liveness)."""
+        codec, tc, seg, released = setup
+        other = "ipc:///tmp/cascada-other.ipc"
+        out = codec.decode([header([0, "float32", [2, 2], [*self.where(seg), None, None]]), b""]).body[0][0]
+        env = codec.decode([header([0, "float32", [2, 2], [*self.where(seg, lease=9), 4242, other]]), b""])
+        owners, values = env.owners, [env.body[0][0].tolist(), out.tolist()]
+        del env, out
+        gc.collect()
+        assert owners == [os.getpid()] and tc.owners_seen == other
+        assert values == [[[0.0, 1.0], [2.0, 3.0]]] * 2
+        assert sorted(released) == sorted([(ENDPOINT, os.getpid(), 7), (other, 4242, 9)])
+
+    @pytest.mark.parametrize("issuer", [
+        [None, ENDPOINT], [4242, None], [0, ENDPOINT], [-1, ENDPOINT], [True, ENDPOINT], ["1", ENDPOINT],
+        [4242, 3], [4242, ""], [4242, "/tmp/x"], [4242, "tcp://*:5555"], [4242, "ipc://" + "x" * 200],
+    ])
+    def test_hostile_issuer(self, setup: Any, issuer: list[Any]) -> None:
+        codec, tc, seg, released = setup
+        with pytest.raises(ProtocolError):
+            codec.decode([header([0, "float32", [2, 2], [*self.where(seg), *issuer]]), b""])
+        gc.collect()
+        assert released == [] and not seg.held_elsewhere()
+
     @pytest.mark.parametrize("where", [
-        lambda w: w[:-1], lambda w: [*w, 0], lambda w: [1], lambda w: [1, *w[2:]],
+        lambda w: w[:-1], lambda w: [*w, 0], lambda w: [1], lambda w: [1, *w[2:]], lambda w: [*w, None, None, 0],
     ])
     def test_wrong_arity(self, setup: Any, where: Any) -> None:
         codec, _, seg, _ = setup

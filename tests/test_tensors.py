@@ -89,6 +89,10 @@ class Sink(cascada.Actor):
         time.sleep(seconds)  # not cancellable: its caller, gone by then, gets a late reply
         return float(x.double().sum())
 
+    def scale_in_place(self, x: Any) -> float:
+        x.mul_(3.0)
+        return float(x.double().sum())
+
     async def total_with(self, x: Any, other: cascada.ActorRef, n: int) -> float:
         y = await other.ask("make", n)  # a tensor leased by other's process
         return float(x.double().sum()) + float(y.double().sum())
@@ -116,6 +120,30 @@ class Producer(cascada.Actor):
 
     async def make(self, n: int) -> Any:
         return torch.arange(n, dtype=torch.float32)
+
+
+class Forwarder(cascada.Actor):
+    """Sends what it gets on to another actor: within the request, or later."""
+
+    def __init__(self) -> None:
+        self.held: Any = None
+
+    async def via(self, stage: cascada.ActorRef, method: str, x: Any, *rest: Any) -> Any:
+        return await stage.ask(method, x, *rest)
+
+    async def via_then_sum(self, stage: cascada.ActorRef, method: str, x: Any) -> list[Any]:
+        out = await stage.ask(method, x)
+        return [out, float(x.double().sum())]  # what this process sees after the stage ran
+
+    async def hold(self, x: Any) -> bool:
+        self.held = x
+        return True
+
+    async def send_held(self, stage: cascada.ActorRef, method: str) -> Any:
+        return await stage.ask(method, self.held)
+
+    async def forget(self) -> None:
+        self.held = None
 
 
 def _cases() -> list[Any]:
@@ -296,6 +324,94 @@ async def test_releases_ride_only_on_replies_to_the_node_that_issued_the_leases(
         assert ours["unknown_releases"] == 0 and theirs["unknown_releases"] == 0
         assert ours["released_on_replies"] >= 4 and theirs["released"] == theirs["issued"] == 5
         assert theirs["release_messages"] >= 1 and theirs["released_on_replies"] == 0
+        del t
+
+
+# -- passing a shared tensor on -----------------------------------------------------------
+
+
+async def test_a_shared_tensor_passed_on_within_its_request_goes_without_a_copy() -> None:
+    """A cascada.empty tensor through a forwarding actor and through two levels of process
+    flows: every process on the way hands on the same segment, and every lease comes home."""
+    from cascada.actors._flow import Sequential, Step
+
+    async with cascada.ActorSystem() as system:
+        stage = await system.spawn(Sink)
+        fwd = await system.spawn(Forwarder)
+        inner = await system.spawn(Sequential, Step(stage, "total"), name="inner")
+        outer = await system.spawn(Sequential, Step(inner, "run"), name="outer")
+        t = cascada.empty((MiB // 4,), "float32")
+        t.fill_(2.0)
+        for _ in range(3):
+            assert await fwd.ask("via", stage, "total", t) == 2.0 * (MiB // 4)
+            assert await outer.ask("run", t) == 2.0 * (MiB // 4)
+        for ref in (fwd, inner, outer):
+            await _until(lambda: _outstanding(system, 0, ref))
+            s = await system.tensor_stats(ref)
+            assert s["shm"] == 0 and s["inline"] == 0 and s["shm_passed_on"] == 3, s
+            assert s["leases"]["unknown_releases"] == 0
+        assert (await system.tensor_stats())["leases"]["outstanding"] == 0
+        assert (await system.tensor_stats())["shm_handoff"] == 6
+        del t
+
+
+async def test_a_tensor_that_came_by_copy_is_copied_again_when_sent_on() -> None:
+    """Value semantics: a stage that writes to its input must not change what the process
+    that sent it on sees, unless the tensor was made to be shared (cascada.empty)."""
+    async with cascada.ActorSystem(tensor_inline_max=64 << 10) as system:
+        stage = await system.spawn(Sink)
+        fwd = await system.spawn(Forwarder)
+        n = MiB // 4
+        out, seen = await fwd.ask("via_then_sum", stage, "scale_in_place", torch.ones(n))
+        assert out == 3.0 * n and seen == float(n)  # fwd's copy is its own
+        s = await system.tensor_stats(fwd)
+        assert s["shm"] == 1 and s["shm_passed_on"] == 0
+        shared = cascada.empty((n,), "float32")
+        shared.fill_(1.0)
+        out, seen = await fwd.ask("via_then_sum", stage, "scale_in_place", shared)
+        assert out == 3.0 * n and seen == 3.0 * n  # one memory, as cascada.empty promises
+        assert float(shared.double().sum()) == 3.0 * n
+        assert (await system.tensor_stats(fwd))["shm_passed_on"] == 1
+        del shared
+
+
+async def test_a_shared_tensor_sent_on_after_its_request_is_copied() -> None:
+    async with cascada.ActorSystem() as system:
+        stage = await system.spawn(Sink)
+        fwd = await system.spawn(Forwarder)
+        t = cascada.empty((MiB // 4,), "float32")
+        t.fill_(1.0)
+        await fwd.ask("hold", t)
+        assert await fwd.ask("send_held", stage, "total") == float(MiB // 4)
+        s = await system.tensor_stats(fwd)
+        assert s["shm"] == 1 and s["shm_passed_on"] == 0  # no longer its request's: it must outlive its owner
+        await fwd.ask("forget")
+        await _until(lambda: _outstanding(system, 0))
+        del t
+
+
+async def test_a_passed_on_tensor_stays_leased_down_the_chain_until_the_last_holder_lets_go() -> None:
+    async with cascada.ActorSystem() as system:
+        stage = await system.spawn(Sink)
+        keeper = await system.spawn(Sink)
+        fwd = await system.spawn(Forwarder)
+        t = cascada.empty((MiB // 4,), "float32")
+        t.fill_(1.0)
+        await fwd.ask("via", stage, "keep", t)
+        await fwd.ask("via", keeper, "keep", t)
+        await asyncio.sleep(0.1)
+        # Each holder keeps the chain: the forwarder's view (one lease of the driver's) and
+        # its lease to each holder.
+        assert (await system.tensor_stats(fwd))["leases"]["outstanding"] == 2
+        assert (await system.tensor_stats())["leases"]["outstanding"] == 2
+        assert await stage.ask("drop") == 1
+        await _until(lambda: _outstanding(system, 1, fwd))
+        await _until(lambda: _outstanding(system, 1))
+        # A holder that dies: the forwarder expires its lease, and lets go of its view.
+        os.kill(keeper.pid, signal.SIGKILL)
+        await _until(lambda: _outstanding(system, 0, fwd))
+        await _until(lambda: _outstanding(system, 0))
+        assert (await system.tensor_stats(fwd))["leases"]["expired_dead"] == 1
         del t
 
 

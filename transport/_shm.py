@@ -329,13 +329,16 @@ class ShmPool:
 
 
 class _Mapped:
-    __slots__ = ("fd", "mm", "size", "holders")
+    __slots__ = ("fd", "mm", "size", "holders", "base")
 
     def __init__(self, fd: int, mm: mmap.mmap, size: int) -> None:
         self.fd = fd
         self.mm = mm
         self.size = size
         self.holders = 0
+        probe = ctypes.c_char.from_buffer(mm)  # an export of the mapping, dropped at once
+        self.base = ctypes.addressof(probe)  # (held, it would stop the mapping from closing)
+        del probe
 
     def dead(self) -> bool:
         """The owner marked this segment evicted or unlinked (or it was never ours)."""
@@ -426,6 +429,18 @@ class ShmReader:
                 raise
         buf._hold = _Hold(self, name, mapped, on_release, args)  # type: ignore[attr-defined]
         return buf
+
+    def find(self, address: int, nbytes: int) -> tuple[str, int, int] | None:
+        """(segment name, generation, offset) of bytes that lie in a segment this process has
+        a live view of (a tensor it received), or None. The view keeps the shared lock, so
+        the segment cannot be recycled meanwhile: the generation read here stays true."""
+        with self._lock:
+            for name, mapped in self._maps.items():
+                start = mapped.base + HEADER
+                if mapped.holders and start <= address and address + nbytes <= mapped.base + mapped.size:
+                    gen = struct.unpack_from(_HEADER_FMT, mapped.mm, 0)[1]
+                    return name, gen, address - start
+        return None
 
     def _map(self, name: str) -> _Mapped:
         path = os.path.join(self.directory, name)

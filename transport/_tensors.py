@@ -241,13 +241,14 @@ def _view_of(address: int, nbytes: int, keep: Any) -> Any:
 
 
 class TensorStats:
-    __slots__ = ("inline", "shm", "shm_handoff", "cuda", "contiguous_copies", "host_staged", "received",
-                 "lost", "inline_fallbacks", "export_fallbacks")
+    __slots__ = ("inline", "shm", "shm_handoff", "shm_passed_on", "cuda", "contiguous_copies", "host_staged",
+                 "received", "lost", "inline_fallbacks", "export_fallbacks")
 
     def __init__(self) -> None:
         self.inline = 0  # sent as zmq frames
         self.shm = 0  # copied into a pool segment
         self.shm_handoff = 0  # pool tensors (cascada.empty) handed over without a copy
+        self.shm_passed_on = 0  # received shm tensors sent on, by the same segment, under a lease of ours
         self.cuda = 0  # sent by CUDA IPC handle
         self.contiguous_copies = 0  # non-contiguous tensors made contiguous to travel
         self.host_staged = 0  # CUDA tensors copied through host memory to another host
@@ -291,6 +292,11 @@ class TensorCodec:
         self._issued: list[int] = []
         self.owners: list[int] = []  # owner pids of leased tensors in the message being decoded
         self.owners_seen: str | None = None  # endpoint of the last leased tensor's owner decoded (the node reads it)
+        # (address, nbytes) of each shared shm tensor decoded since the node last took them
+        # (see take_ranges), and which of them may be sent on without a copy (see _pass_on).
+        self.ranges: list[tuple[int, int]] = []
+        self.may_pass_on: Callable[[int, int], bool] | None = None
+        self._shared: dict[str, str] = {}  # shared segments received (name -> their owner's endpoint)
         self.passthrough = (TensorLost,)  # decode errors the codec lets through untranslated
         self.pool_waker: Callable[[], None] | None = None
         self._lock = threading.Lock()
@@ -346,6 +352,10 @@ class TensorCodec:
     def take_owners(self) -> list[int]:
         owners, self.owners = self.owners, []
         return owners
+
+    def take_ranges(self) -> list[tuple[int, int]]:
+        ranges, self.ranges = self.ranges, []
+        return ranges
 
     # -- the codec's encode hooks ---------------------------------------------------------
 
@@ -493,6 +503,11 @@ class TensorCodec:
             seg = self._pool.segment_at(address, nbytes)
             if seg is not None:
                 return self._hand_off(seg, address)
+        if (nbytes >= opts.inline_max and path == "auto" and self.dest.same_host and self._reader is not None
+                and self.may_pass_on is not None and self.may_pass_on(address, nbytes)):
+            where = self._pass_on(address, nbytes, keep)
+            if where is not None:
+                return where
         if nbytes and (path == "shm" or (path == "auto" and nbytes >= opts.inline_max and opts.shm_pool_bytes > 0)):
             if not self.dest.same_host:
                 if path == "shm":
@@ -533,12 +548,38 @@ class TensorCodec:
             self._copy = (seg.address, address, nbytes, keep)
             return [WHERE_SHM, seg.name, seg.gen, 0, lease_id, self.pid, self.owner_endpoint]
 
+    def _pass_on(self, address: int, nbytes: int, keep: Any) -> list[Any] | None:
+        """A shared tensor (made by cascada.empty, so every process it reaches sees the same
+        memory) received by shm and sent on while handling the request it came in (a flow
+        passing its input to a stage): the same segment goes on, no copy. This node leases it
+        to the consumer and keeps its own view alive (and with it the lease it holds from
+        whoever sent it here) until the consumer releases; the descriptor names the segment's
+        owner, for the name's check and liveness, and this node, for the release. Only the
+        request's own tensors go this way: should their owner die, the request has no caller
+        left to answer. Any other received tensor is copied, so it outlives its producer, and
+        a private copy (a tensor that came by copy) is copied again, so no two processes share
+        memory that nobody chose to share."""
+        found = self._reader.find(address, nbytes)
+        if found is None:
+            return None
+        name, gen, offset = found
+        owner_endpoint = self._shared.get(name)
+        if owner_endpoint is None:
+            return None  # a private copy: sent on, it is copied again (value semantics)
+        lease_id = self.leases.issue(_KeptView(keep), self.dest.consumer)
+        self._issued.append(lease_id)
+        self.stats.shm_passed_on += 1
+        return [WHERE_SHM, name, gen, offset, lease_id, self._reader.owner_of(name), owner_endpoint, self.pid,
+                self.owner_endpoint]
+
     def _hand_off(self, seg: Any, address: int) -> list[Any]:
         """Made with cascada.empty: lease the segment itself, no copy."""
         self.stats.shm_handoff += 1
         lease_id = self.leases.issue(seg, self.dest.consumer)
         self._issued.append(lease_id)
-        return [WHERE_SHM, seg.name, seg.gen, address - seg.address, lease_id, self.pid, self.owner_endpoint]
+        # Nine fields: shared by reference (the issuer, nil here, is the owner itself).
+        return [WHERE_SHM, seg.name, seg.gen, address - seg.address, lease_id, self.pid, self.owner_endpoint, None,
+                None]
 
     # -- allocation in the pool ----------------------------------------------------------
 
@@ -614,24 +655,40 @@ class TensorCodec:
         raise ProtocolError(f"bad tensor descriptor: unknown location tag {show(tag)}")
 
     def _decode_shm(self, lib: int, dtype: str, dims: list[int], nbytes: int, where: list[Any]) -> Any:
-        if (len(where) != 7 or type(where[1]) is not str or type(where[2]) is not int or type(where[3]) is not int
-                or type(where[4]) is not int or type(where[5]) is not int or type(where[6]) is not str
-                or where[2] < 0 or where[3] < 0 or where[4] <= 0 or where[5] <= 0):
-            raise ProtocolError("bad tensor descriptor: shm location is not "
-                                "[1, segment, generation, offset, lease, owner_pid, owner_endpoint]")
+        shared = len(where) == 9
+        if (len(where) not in (7, 9) or type(where[1]) is not str or type(where[2]) is not int
+                or type(where[3]) is not int or type(where[4]) is not int or type(where[5]) is not int
+                or type(where[6]) is not str or where[2] < 0 or where[3] < 0 or where[4] <= 0 or where[5] <= 0
+                or (shared and not ((where[7] is None and where[8] is None)
+                                    or (type(where[7]) is int and where[7] > 0 and type(where[8]) is str)))):
+            raise ProtocolError("bad tensor descriptor: shm location is not [1, segment, generation, offset, "
+                                "lease, owner_pid, owner_endpoint(, issuer_pid, issuer_endpoint)]")
         if lib == LIB_CUPY:
             raise ProtocolError("bad tensor descriptor: a cupy array never travels through shm")
-        _, name, gen, offset, lease_id, owner_pid, owner_endpoint = where
+        _, name, gen, offset, lease_id, owner_pid, owner_endpoint = where[:7]
         reader = self._reader or self.reader
         if reader.owner_of(name) != owner_pid:
             raise ProtocolError(f"bad tensor descriptor: segment {name} does not belong to pid {owner_pid}")
         _check_owner(owner_endpoint)
+        # Nine fields: a shared tensor (cascada.empty), whose lease is the issuer's: the
+        # segment's owner (nil), or a process that passed on what it received (see _pass_on).
+        # The release goes to the issuer.
+        issuer_pid, issuer_endpoint = owner_pid, owner_endpoint
+        if shared and where[7] is not None:
+            issuer_pid, issuer_endpoint = where[7], where[8]
+            _check_owner(issuer_endpoint)
         self.owners.append(owner_pid)
-        self.owners_seen = owner_endpoint
+        self.owners_seen = issuer_endpoint
+        if shared:
+            if len(self._shared) > 4096:
+                self._shared.clear()
+            self._shared[name] = owner_endpoint
         # If the open fails, no release is sent: the segment is gone or recycled (the lease
-        # has ended), or the descriptor was bad; the owner expires what is left. Otherwise
+        # has ended), or the descriptor was bad; the issuer expires what is left. Otherwise
         # the reader calls _release_shm exactly once, when the buffer is freed.
-        buf = reader.open(name, gen, offset, nbytes, self._release_shm, owner_endpoint, owner_pid, lease_id)
+        buf = reader.open(name, gen, offset, nbytes, self._release_shm, issuer_endpoint, issuer_pid, lease_id)
+        if shared:
+            self.ranges.append((ctypes.addressof(buf), nbytes))
         self.stats.received += 1
         return _build(lib, dtype, dims, buf, nbytes)
 
@@ -674,6 +731,28 @@ class TensorCodec:
                 sink(owner_endpoint, owner_pid, lease_id)
 
         return release
+
+
+class _KeptView:
+    """What a lease on a passed-on tensor holds (see TensorCodec._pass_on): this process's
+    own view of it, let go of when the last lease on it ends."""
+
+    __slots__ = ("view", "holders")
+
+    def __init__(self, view: Any) -> None:
+        self.view = view
+        self.holders = 0
+
+    def acquire(self) -> None:
+        self.holders += 1
+
+    def release(self) -> None:
+        self.holders -= 1
+        if self.holders <= 0:
+            self.view = None
+
+    def held_elsewhere(self) -> bool:
+        return True  # cannot tell: ttl expiry must never drop a view a consumer may still read
 
 
 _GOOD_OWNERS: set[str] = set()

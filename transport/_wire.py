@@ -153,6 +153,7 @@ class Envelope:
         "key",
         "expect",
         "released",
+        "ranges",
     )
 
     def __init__(
@@ -187,6 +188,8 @@ class Envelope:
         # pids of the processes that own leased tensors in this message (shm, CUDA IPC):
         # if one has died by the time the message is handled, it fails with TensorLost.
         self.owners: list[int] | None = None
+        # (address, nbytes) of the shm tensors it brought, as mapped here (set by the node).
+        self.ranges: list[tuple[int, int]] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -488,6 +491,7 @@ class Codec:
         tensors = self.tensors
         if tensors is not None:
             tensors.owners.clear()
+            tensors.ranges.clear()
         try:
             h = self._unpack(head)
         except ProtocolError:
@@ -531,6 +535,7 @@ class Codec:
         tensors = self.tensors
         if tensors is not None:
             tensors.owners.clear()
+            tensors.ranges.clear()
         try:
             h = self._unpack_counted(head) if counting else self._unpack(head)
         except ProtocolError:
@@ -590,6 +595,7 @@ class Codec:
         tensors = self.tensors
         if tensors is not None:
             tensors.owners.clear()
+            tensors.ranges.clear()
         end = 0
         try:
             for h in unpacker:
