@@ -7,6 +7,7 @@ Run it from the repository root:
     .venv/bin/python scripts/bench_flows.py --quick    # smoke check, about 25 s
     .venv/bin/python scripts/bench_flows.py --placement unpinned   # one placement
     .venv/bin/python scripts/bench_flows.py --json out.json   # also write every record
+    .venv/bin/python scripts/bench_flows.py --only tensor      # flows carrying a 16 MiB shared tensor
 
 The figures:
 
@@ -30,6 +31,12 @@ The figures:
 ``inline`` (flows in the driver's process, placement="local")
     The same three nested flows, but placed in the driver's process: a level adds no hop,
     only the flow machinery and a local hand-off. Information only.
+
+``tensor`` (flows in their own processes, carrying a 16 MiB shared tensor)
+    The ``nested`` flows again, each call carrying a 16 MiB tensor made by ``cascada.empty``
+    to a stage that answers its shape (``Echo.shape``); the floor is the same call straight
+    to the stage. Every level passes the same segment on, no copy, so the target is the
+    ``nested`` one: each level adds at most one hop (of the hop that carries the tensor).
 
 ``cpu`` (after the rounds; information only)
     CPU time per call of every process a call goes through (user + system, all threads,
@@ -74,7 +81,9 @@ import _report  # noqa: E402
 import cascada  # noqa: E402
 from cascada.actors._flow import Sequential, Step  # noqa: E402
 
-FIGURES = ("nested", "relay", "inline", "cpu")
+FIGURES = ("nested", "relay", "inline", "tensor", "cpu")
+TENSOR_BYTES = 16 << 20
+TARGETED = ("nested", "tensor")  # the figures with a target: each level adds at most one hop
 RECORDS: list[dict[str, Any]] = []
 ROWS: list[list[str]] = []
 
@@ -84,6 +93,9 @@ class Echo(cascada.Actor):
 
     async def echo(self, x: Any) -> Any:
         return x
+
+    async def shape(self, x: Any) -> list[int]:
+        return list(x.shape)
 
 
 class Relay(cascada.Actor):
@@ -109,26 +121,27 @@ def log(msg: str) -> None:
     print(f"# {msg}", flush=True)
 
 
-async def rtt_samples(ref: cascada.ActorRef, method: str, n: int, warmup: int) -> list[float]:
+async def rtt_samples(ref: cascada.ActorRef, method: str, n: int, warmup: int, arg: Any = 1) -> list[float]:
     for _ in range(warmup):
-        await ref.ask(method, 1)
+        await ref.ask(method, arg)
     out = []
     clock = time.perf_counter_ns
     for _ in range(n):
         t0 = clock()
-        await ref.ask(method, 1)
+        await ref.ask(method, arg)
         out.append((clock() - t0) / 1e3)
     return out
 
 
-async def measure(targets: dict[str, tuple[cascada.ActorRef, str]], sz: Sizes) -> dict[str, list[float]]:
+async def measure(targets: dict[str, tuple[cascada.ActorRef, str]], sz: Sizes,
+                  args: dict[str, Any]) -> dict[str, list[float]]:
     names = list(targets)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(sz.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
             ref, method = targets[name]
-            samples[name].extend(await rtt_samples(ref, method, sz.n, sz.warmup))
+            samples[name].extend(await rtt_samples(ref, method, sz.n, sz.warmup, args.get(name, 1)))
         log(f"round {r + 1}/{sz.rounds}: " + "  ".join(
             f"{n} {statistics.median(samples[n][-sz.n:]):.0f}us" for n in names))
     return samples
@@ -188,11 +201,11 @@ def record(figure: str, depth: int, rtt: float, hop: float, *, placement: str, f
     added = rtt - hop
     per_level = added / depth
     ratio = per_level / hop
-    passed = ratio <= 1.0 if figure == "nested" else None
+    passed = ratio <= 1.0 if figure in TARGETED else None
     vs_relay = None if relay is None else rtt / relay
     RECORDS.append({"figure": figure, "depth": depth, "value": per_level, "unit": "us", "rtt_us": rtt,
                     "added_us": added, "floor_name": "one hop (ask round trip to the stage)", "floor_value": hop,
-                    "ratio": ratio, "target": "<= 1.0x" if figure == "nested" else "info", "placement": placement,
+                    "ratio": ratio, "target": "<= 1.0x" if figure in TARGETED else "info", "placement": placement,
                     "flow_placement": flow_placement,
                     "pass": passed, "relay_rtt_us": relay, "ratio_to_relay": vs_relay})
     ROWS.append([figure, placement, str(depth), f"{rtt:.0f} us", f"{added:.0f} us", f"{per_level:.0f} us", f"{hop:.0f} us",
@@ -221,12 +234,18 @@ async def run_placement(system: cascada.ActorSystem, sz: Sizes, only: frozenset[
                         cpus: tuple[set[int], set[int]] | None, spawn_kw: dict[str, Any]) -> None:
     echo = await system.spawn(Echo, name="echo", placement="process", **spawn_kw)
     targets: dict[str, tuple[cascada.ActorRef, str]] = {"hop": (echo, "echo")}
+    args: dict[str, Any] = {}
+    if "tensor" in only:
+        shared = cascada.empty((TENSOR_BYTES // 4,), "float32")
+        shared.fill_(1.0)
+        targets["hop_tensor"] = (echo, "shape")
+        args["hop_tensor"] = shared
     for figure in FIGURES:
         if figure not in only or figure == "cpu":
             continue
         flow_placement: cascada.Placement = "local" if figure == "inline" else "process"
         kw = spawn_kw if flow_placement == "process" else {}
-        inner: Any = Step(echo, "echo")
+        inner: Any = Step(echo, "shape" if figure == "tensor" else "echo")
         below, method = echo, "echo"
         for depth in (1, 2, 3):
             if figure == "relay":
@@ -236,27 +255,36 @@ async def run_placement(system: cascada.ActorSystem, sz: Sizes, only: frozenset[
                 continue
             flow = await system.spawn(Sequential, inner, name=f"{figure}{depth}", placement=flow_placement, **kw)
             targets[f"{figure}{depth}"] = (flow, "run")
+            if figure == "tensor":
+                args[f"{figure}{depth}"] = args["hop_tensor"]
             inner = flow
     if cpus is not None:  # after the spawns: the driver's own threads, zmq's I/O thread included
         pinned = _floors.set_all_threads(os.getpid(), cpus[0])
         log(f"{placement}: pinned {pinned} driver threads to {sorted(cpus[0])}, every actor process to "
             f"{sorted(cpus[1])}")
     log(f"placement {placement}")
-    samples = await measure(targets, sz)
-    hop = statistics.median(samples["hop"])
+    samples = await measure(targets, sz, args)
     for figure in FIGURES:
         if figure in only:
             if figure == "cpu":
                 continue
+            hop = statistics.median(samples["hop_tensor" if figure == "tensor" else "hop"])
             for depth in (1, 2, 3):
                 relay = samples.get(f"relay{depth}") if figure == "nested" else None
                 record(figure, depth, statistics.median(samples[f"{figure}{depth}"]), hop, placement=placement,
                        flow_placement="local" if figure == "inline" else "process",
                        relay=statistics.median(relay) if relay else None)
+    if "tensor" in only:
+        copies = {name: (await system.tensor_stats(ref))["shm"] for name, (ref, _) in targets.items()
+                  if name.startswith("tensor")}
+        if any(copies.values()):
+            raise RuntimeError(f"a flow copied the shared tensor it should have passed on: {copies}")
+        del args["hop_tensor"], shared
+        args.clear()
     if "cpu" in only:
         await cpu_split(system, targets, echo, max(sz.n, 2000), placement, spawn_kw)
     for name, (ref, _) in targets.items():
-        if name != "hop" and not name.startswith("relay"):
+        if not name.startswith(("hop", "relay")):
             m = await ref.ask("metrics")
             assert m["errors"] == 0 and m["ok"] == m["requests"], m
 
