@@ -13,7 +13,12 @@ and ``where`` says where the bytes are:
   sender is held until zmq is done with them, so changing a tensor after ``tell`` returns
   never changes what was sent. The receiver wraps the frame's memory without a copy.
 - ``[1, segment, generation, offset, lease, owner_pid, owner_endpoint]``: a segment of the
-  owner's shared-memory pool (large CPU tensors on one host; see ``_shm``).
+  owner's shared-memory pool (large CPU tensors on one host; see ``_shm``), copied there for
+  this receiver alone.
+- ``[1, segment, generation, offset, lease, owner_pid, owner_endpoint, issuer_pid,
+  issuer_endpoint]``: a shared tensor (``cascada.empty``) in its owner's pool; the lease is
+  the issuer's (nil: the owner's), and its release goes there. A process that received one
+  passes it on this way (see ``TensorCodec._pass_on``).
 - ``[2, ...]``: a CUDA IPC handle (CUDA tensors on one host; see ``_cuda_ipc``).
 
 Nothing in a descriptor is trusted: the dtype must be on the allowlist, the byte length is
