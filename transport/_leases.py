@@ -4,7 +4,8 @@ A producer that hands a buffer to another process by name or handle keeps that b
 alive, and unmodified, until the consumer says it is done. Each hand-off is a *lease*:
 
 - issued by the owner when it encodes the tensor, to one consumer process;
-- released by the consumer when its last view of the tensor is freed (a control message);
+- released by the consumer when its last view of the tensor is freed (riding on its next
+  reply to the owner, or in a control message of its own);
 - expired by the owner when the consumer's process is gone, or after ``ttl`` seconds when
   the resource reports that no consumer holds it (a message that never got delivered).
 
