@@ -380,10 +380,15 @@ class Node:
             self._reject(identity, frames, exc)
             return
         self.stats.received += len(envs)
+        for env in envs:
+            if env.released is not None:  # leases of ours the caller let go of
+                leases = self.tensors.leases
+                leases.stats.released_on_requests += len(env.released)
+                leases.release(env.released)
         if self.tensors.owners_seen is not None:
             # Leased tensors came in: one zmq message has one sender, and the leases of the
             # tensors it sends are its own, so this connection leads back to their owner (a
-            # reply on it can carry their releases, see _take_releases).
+            # reply on it can carry their releases, see take_releases).
             if len(self._lease_owners) > 4096:
                 self._lease_owners.clear()
             self._lease_owners[identity] = self.tensors.owners_seen
@@ -556,14 +561,15 @@ class Node:
     def _encode_reply(self, identity: bytes, kind: Kind, corr: int, body: Any,
                       deadline: float | None = None) -> asyncio.Future[None] | None:
         self.tensors.dest = self.dest_for(identity)
-        released = self._take_releases(identity) if self._releases else None
+        owner = self._lease_owners.get(identity) if self._releases else None
+        released = self.take_releases(owner) if owner is not None else None
         try:
             frames = self.codec.encode(kind, corr, None, None, None, None, body, None, self.incarnation,
                                        released=released)
             batch = not self.codec.leased
         except BaseException as exc:
-            if released is not None:
-                self._owe_releases(identity, released)  # they go with the next message instead
+            if released is not None and owner is not None:  # they go with the next message instead
+                self.owe_releases(owner, self.dest_for(identity).consumer[1], released)
             if isinstance(exc, PoolBusy):
                 raise
             code = send_error_code(exc) if isinstance(exc, CascadaError) else None
@@ -679,7 +685,10 @@ class Node:
             sent = peer.send(Kind.ASK, corr, target, method, deadline, [list(args), kwargs], ctx=ctx, key=key)
             if sent is not None:
                 await peer.wait_sent(sent, deadline, label)
-            return await wait_reply(fut, deadline, self.loop, label)
+            # The answer comes boxed (see Peer._on_reply_env) and leaves the box here: the
+            # finished future, which the loop may hold a moment longer, keeps nothing alive.
+            box: list[Any] = await wait_reply(fut, deadline, self.loop, label)
+            return box.pop()
         except (asyncio.CancelledError, DeadlineExceeded):
             # Nobody waits for the answer any more: tell the callee to stop the work (and
             # what it called in turn). Best effort: a callee that already answered ignores it.
@@ -728,13 +737,11 @@ class Node:
         end = address + nbytes
         return any(start <= address and end <= start + n for start, n in msg.leased)
 
-    def _take_releases(self, identity: bytes) -> list[int] | None:
-        """The lease ids owed to the node behind this caller connection (see _on_inbound), taken
-        out of the queue to ride on a reply to it: no release message of their own, and the
-        owner has them back as soon as it has the answer. Up to MAX_RELEASED of them."""
-        owner = self._lease_owners.get(identity)
-        if owner is None:
-            return None
+    def take_releases(self, owner: str) -> list[int] | None:
+        """The lease ids owed to the node at ``owner``, taken out of the queue to ride on a
+        message to it (a reply to its request, see _on_inbound; a request of ours): no
+        release message of their own, and the owner has them back with what it was sent
+        anyway. Up to MAX_RELEASED of them."""
         q = self._releases
         taken: list[int] = []
         # Other threads may append meanwhile (a tensor freed there): look at as many entries
@@ -747,13 +754,10 @@ class Node:
                 q.append(entry)
         return taken or None
 
-    def _owe_releases(self, identity: bytes, ids: list[int]) -> None:
-        """Releases taken for a reply that could not be encoded: they go the usual way."""
-        owner = self._lease_owners.get(identity)
-        if owner is not None:
-            pid = self.dest_for(identity).consumer[1]
-            for lease_id in ids:
-                self._lease_released(owner, pid, lease_id)
+    def owe_releases(self, owner: str, pid: int, ids: list[int]) -> None:
+        """Releases taken for a message that did not go: they go the usual way."""
+        for lease_id in ids:
+            self._lease_released(owner, pid, lease_id)
 
     def _flush_releases(self) -> None:
         self._release_scheduled = False
@@ -1238,7 +1242,10 @@ class Peer:
                 if inc is not None and expect is not None and inc != expect:
                     fut.set_exception(self._fenced(env, expect, actor, method))
                 elif kind is Kind.REPLY:
-                    fut.set_result(env.body)
+                    # Boxed, so the caller can take it out (see Node.call): a leased tensor in
+                    # it is then freed, and its release can ride on the caller's next request,
+                    # the moment the caller lets go of it.
+                    fut.set_result([env.body])
                 else:
                     fut.set_exception(error_from_body(env.body, actor, method))
                 return
@@ -1454,6 +1461,16 @@ class Peer:
                   key: str | None = None, expect: str | None = None) -> asyncio.Future[None] | None:
         node = self.node
         node.tensors.dest = self.dest
-        frames = node.codec.encode(kind, corr, node.id, target, method, deadline, body, opts, None, ctx, key, expect)
-        node.stats.sent += 1
-        return self.sock.send(frames, not node.codec.leased)
+        # Releases owed to this peer ride on a request to it (tensors it answered with, let
+        # go of since); a reply carries them the other way (see Node._encode_reply).
+        released = (node.take_releases(self.endpoint) if node._releases
+                    and (kind is Kind.ASK or kind is Kind.TELL or kind is Kind.STREAM) else None)
+        try:
+            frames = node.codec.encode(kind, corr, node.id, target, method, deadline, body, opts, None, ctx, key,
+                                       expect, released)
+            node.stats.sent += 1
+            return self.sock.send(frames, not node.codec.leased)
+        except BaseException:
+            if released is not None:
+                node.owe_releases(self.endpoint, self.pid, released)
+            raise

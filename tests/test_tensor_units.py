@@ -227,7 +227,8 @@ def test_lease_issue_and_release() -> None:
     assert (a.refs, a.freed, b.refs, b.freed) == (0, 1, 0, 1)
     assert len(changes) == 2 and len(table) == 0 and table.consumers() == []
     assert table.stats.to_dict() == {"issued": 3, "released": 3, "expired_dead": 0, "expired_ttl": 0,
-                                     "unknown_releases": 2, "release_messages": 0, "released_on_replies": 0}
+                                     "unknown_releases": 2, "release_messages": 0, "released_on_replies": 0,
+                                     "released_on_requests": 0}
 
 
 def test_lease_revoke() -> None:
@@ -327,12 +328,14 @@ def test_lease_snapshot() -> None:
     table.release([a, a])
     table.sweep()
     assert table.snapshot() == {"issued": 4, "released": 1, "expired_dead": 1, "expired_ttl": 0,
-                                "unknown_releases": 1, "release_messages": 0, "released_on_replies": 0, "outstanding": 2,
+                                "unknown_releases": 1, "release_messages": 0, "released_on_replies": 0,
+                                "released_on_requests": 0, "outstanding": 2,
                                 "consumers": 1}
     clock.now += 2
     table.sweep()
     assert table.snapshot() == {"issued": 4, "released": 1, "expired_dead": 1, "expired_ttl": 2,
-                                "unknown_releases": 1, "release_messages": 0, "released_on_replies": 0, "outstanding": 0,
+                                "unknown_releases": 1, "release_messages": 0, "released_on_replies": 0,
+                                "released_on_requests": 0, "outstanding": 0,
                                 "consumers": 0}
     assert r.refs == 0
 

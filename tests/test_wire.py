@@ -361,18 +361,20 @@ def test_a_request_stamped_with_the_incarnation_it_is_meant_for_round_trips() ->
             codec.decode([head])
 
 
-def test_released_leases_ride_on_replies_and_nowhere_else() -> None:
+def test_released_leases_ride_on_requests_and_replies_and_nowhere_else() -> None:
     codec = Codec()
     for kind in (Kind.REPLY, Kind.ITEM, Kind.END):
         env = codec.decode(codec.encode(kind, 7, None, None, None, None, 1.5, released=[3, 1, 2]))
         assert env.released == [3, 1, 2] and env.body == 1.5 and env.kind is kind
+    for kind in (Kind.ASK, Kind.TELL, Kind.STREAM):
+        env = codec.decode(codec.encode(kind, 7, "s", "t", "m", None, [[1], None], ctx=["tr", None, 0, []],
+                                        released=[9]))
+        assert env.released == [9] and env.body == [[1], None] and env.ctx == ["tr", None, 0, []]
     plain = codec.encode(Kind.REPLY, 7, None, None, None, None, 1.5)
     assert codec.decode(plain).released is None and len(msgpack.unpackb(plain[0])) == 10
-    for kind in (Kind.ASK, Kind.TELL, Kind.ERROR, Kind.CANCEL):
-        body = [[], None] if kind in (Kind.ASK, Kind.TELL) else None
-        if kind is Kind.ERROR:
-            body = ["remote", "E", "m", None, None]
-        head = msgpack.packb([1, int(kind), 5, "s", "t", "m", None, body, None, None, None, None, None, [1]])
+    for kind in (Kind.ERROR, Kind.CANCEL, Kind.CREDIT):
+        body = ["remote", "E", "m", None, None] if kind is Kind.ERROR else None
+        head = msgpack.packb([1, int(kind), 5, "s", "t", "m", None, body, 1, None, None, None, None, [1]])
         with pytest.raises(ProtocolError, match="cannot carry released leases"):
             codec.decode([head])
     for bad in ([], [0], [-1], [1.0], ["1"], [True], [1 << 63], 5, "x", {"a": 1}, [1] * (MAX_RELEASED + 1)):

@@ -52,7 +52,7 @@ class _Lease:
 
 class LeaseStats:
     __slots__ = ("issued", "released", "expired_dead", "expired_ttl", "unknown_releases", "release_messages",
-                 "released_on_replies")
+                 "released_on_replies", "released_on_requests")
 
     def __init__(self) -> None:
         self.issued = 0
@@ -61,9 +61,11 @@ class LeaseStats:
         self.expired_ttl = 0  # never taken up within ttl (the message was lost on the way)
         self.unknown_releases = 0  # a release for a lease that is no longer outstanding
         # How releases came back (counted by the node that owns the table): in lease.release
-        # messages of their own, or riding on the replies to our requests (ids).
+        # messages of their own, or riding on the replies to our requests, or on the
+        # requests of a process we answered with a leased tensor (ids).
         self.release_messages = 0
         self.released_on_replies = 0
+        self.released_on_requests = 0
 
     def to_dict(self) -> dict[str, int]:
         return {k: getattr(self, k) for k in self.__slots__}

@@ -23,12 +23,13 @@ Frame 0 is a msgpack array, positional for speed::
   actor the request is meant for (a string of at most 128 characters). A receiver hosting
   another incarnation refuses the request unrun (an ActorDied error reply) and the sender
   accepts a reply only from the incarnation it expected. Absent or nil: no check.
-- ``released``, present only on a REPLY, ITEM or END that carries some, lists ids of leases
-  (shared-memory and CUDA IPC tensors, see ``transport/TENSOR_LIFETIMES.md``) that the
-  receiver of the request has let go of: leases the process the reply goes to issued, on
-  tensors it sent in its requests. They ride on the reply instead of a message of their
-  own (``lease.release``). At most ``MAX_RELEASED`` positive ints; the receiver releases
-  them whether or not a call still waits for the reply.
+- ``released``, present only on a request, REPLY, ITEM or END that carries some, lists ids
+  of leases (shared-memory and CUDA IPC tensors, see ``transport/TENSOR_LIFETIMES.md``)
+  that the sender has let go of, issued by the process the message goes to: on a reply,
+  leases of tensors that came in the requests it answers; on a request, of tensors that
+  came in the answers the callee gave. They ride along instead of a message of their own
+  (``lease.release``). At most ``MAX_RELEASED`` positive ints; the receiver releases them
+  whatever becomes of the message itself (a late reply, a request refused).
 
 A frame may also be a **batch**: the byte 0xC1 (which msgpack never uses, so a decoder that
 predates batches rejects it loudly) followed by several headers back to back. Senders batch
@@ -70,7 +71,7 @@ class Kind(enum.IntEnum):
 
 
 REQUEST_KINDS = frozenset((Kind.ASK, Kind.TELL, Kind.STREAM))
-_RELEASING_KINDS = frozenset((Kind.REPLY, Kind.ITEM, Kind.END))
+_RELEASING_KINDS = frozenset((Kind.ASK, Kind.TELL, Kind.STREAM, Kind.REPLY, Kind.ITEM, Kind.END))
 _KIND_BY_VALUE = {int(k): k for k in Kind}
 
 # Nested ext values recurse through msgpack's C code, where Python's recursion limit does
@@ -784,7 +785,7 @@ def _validate(h: Any) -> Envelope:
 
 def _check_released(k: Kind, released: Any) -> None:
     if k not in _RELEASING_KINDS:
-        raise ProtocolError(f"a {k.name} cannot carry released leases (only a reply, item or end)")
+        raise ProtocolError(f"a {k.name} cannot carry released leases (only a request, reply, item or end)")
     if (type(released) is not list or not 0 < len(released) <= MAX_RELEASED
             or not all(type(i) is int and 0 < i < 1 << 63 for i in released)):
         raise ProtocolError(f"released leases must be 1-{MAX_RELEASED} positive ints")
