@@ -301,7 +301,7 @@ class TensorCodec:
         # (see take_ranges), and which of them may be sent on without a copy (see _pass_on).
         self.ranges: list[tuple[int, int]] = []
         self.may_pass_on: Callable[[int, int], bool] | None = None
-        self._shared: dict[str, str] = {}  # shared segments received (name -> their owner's endpoint)
+        self._shared: dict[tuple[str, int], str] = {}  # shared segments received ((name, generation) -> owner)
         self.passthrough = (TensorLost,)  # decode errors the codec lets through untranslated
         self.pool_waker: Callable[[], None] | None = None
         self._lock = threading.Lock()
@@ -568,7 +568,7 @@ class TensorCodec:
         if found is None:
             return None
         name, gen, offset = found
-        owner_endpoint = self._shared.get(name)
+        owner_endpoint = self._shared.get((name, gen))
         if owner_endpoint is None:
             return None  # a private copy: sent on, it is copied again (value semantics)
         lease_id = self.leases.issue(_KeptView(keep), self.dest.consumer)
@@ -687,7 +687,8 @@ class TensorCodec:
         if shared:
             if len(self._shared) > 4096:
                 self._shared.clear()
-            self._shared[name] = owner_endpoint
+            # By generation: a recycled segment may come back holding a private copy.
+            self._shared[(name, gen)] = owner_endpoint
         # If the open fails, no release is sent: the segment is gone or recycled (the lease
         # has ended), or the descriptor was bad; the issuer expires what is left. Otherwise
         # the reader calls _release_shm exactly once, when the buffer is freed.
