@@ -382,9 +382,7 @@ class Node:
         self.stats.received += len(envs)
         for env in envs:
             if env.released is not None:  # leases of ours the caller let go of
-                leases = self.tensors.leases
-                leases.stats.released_on_requests += len(env.released)
-                leases.release(env.released)
+                self.released_riding(env.released, on_reply=False)
         if self.tensors.owners_seen is not None:
             # Leased tensors came in: one zmq message has one sender, and the leases of the
             # tensors it sends are its own, so this connection leads back to their owner (a
@@ -753,6 +751,15 @@ class Node:
             else:
                 q.append(entry)
         return taken or None
+
+    def released_riding(self, ids: list[int], on_reply: bool) -> None:
+        """Releases of our leases that came on a reply or a request (see take_releases)."""
+        stats = self.tensors.leases.stats
+        if on_reply:
+            stats.released_on_replies += len(ids)
+        else:
+            stats.released_on_requests += len(ids)
+        self.tensors.leases.release(ids)
 
     def owe_releases(self, owner: str, pid: int, ids: list[int]) -> None:
         """Releases taken for a message that did not go: they go the usual way."""
@@ -1230,9 +1237,7 @@ class Peer:
         kind = env.kind
         inc = env.incarnation
         if env.released is not None:  # leases of ours the callee let go of: whoever waits or not
-            leases = node.tensors.leases
-            leases.stats.released_on_replies += len(env.released)
-            leases.release(env.released)
+            node.released_riding(env.released, on_reply=True)
         if kind is Kind.REPLY or kind is Kind.ERROR:
             entry = self.calls.pop(env.corr, None)
             if entry is not None:

@@ -302,7 +302,6 @@ async def test_a_tensor_kept_past_the_reply_is_released_by_a_message_later() -> 
         await ref.ask("keep", t)
         messages = (await system.tensor_stats())["leases"]["release_messages"]
         await ref.ask("keep", t, 1.0)  # kept, then let go of by a timer: no reply to ride on
-        await asyncio.sleep(0.05)
         assert (await system.tensor_stats())["leases"]["outstanding"] == 2  # the actor holds both
         await _until(lambda: _outstanding(system, 0))
         assert (await system.tensor_stats())["leases"]["release_messages"] == messages + 1
